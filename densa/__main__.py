@@ -1,0 +1,5 @@
+import sys
+
+from densa.cli import main
+
+sys.exit(main())
