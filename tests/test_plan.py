@@ -122,3 +122,15 @@ def test_invalid_densities_rejected():
         plan_blocks(torch.tensor([0.5, 1.5]))
     with pytest.raises(ValueError, match="blocks"):
         BlockPlan(100, 16, torch.zeros(3, dtype=torch.bool), torch.ones(3, dtype=torch.long))
+
+
+def test_key_blocks_ordered_past_127_blocks():
+    # 130 blocks: block ids past 127 must not wrap when rows are sorted.
+    plan = plan_blocks(varied_density(16 * 130, seed=2), SMALL)
+    counts, indices = plan.key_blocks(causal=True)
+    mask = dense_mask(plan, causal=True)
+    bs = plan.block_size
+    for qb in (0, 64, 127, 128, 129):
+        rows = mask[qb * bs : (qb + 1) * bs]
+        needed = [kb for kb in range(plan.n_blocks) if rows[:, kb * bs : (kb + 1) * bs].any()]
+        assert indices[qb, : counts[qb]].tolist() == needed, qb

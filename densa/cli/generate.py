@@ -24,6 +24,11 @@ def register(subparsers) -> None:
     parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (0: greedy)")
     parser.add_argument("--top-k", type=positive_int, default=50, help="sample among the k likeliest tokens")
     parser.add_argument("--seed", type=int, default=0, help="random seed for sampling")
+    parser.add_argument("--cache", default="auto", choices=["auto", "full", "density"],
+                        help="key/value cache: keep every key, or only those the decode-time mask can read; "
+                        "auto picks density for sparse models and full for dense ones")
+    parser.add_argument("--prefill-chunk", type=positive_int,
+                        help="feed the prompt in chunks of this many tokens (with --cache density)")
     parser.set_defaults(func=run)
 
 
@@ -47,9 +52,12 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"prompt ({len(ids)} tokens) plus --max-new-tokens {args.max_new_tokens} exceeds the "
                          f"model's max_seq_len {model.config.max_seq_len}; shorten one of them")
     density = DensityAnalyzer().analyze(args.prompt, offsets).density[None]
+    cache = args.cache
+    if cache == "auto":
+        cache = "full" if model.config.attention == "dense" else "density"
     generator = torch.Generator().manual_seed(args.seed)
     tokens = generate(model, torch.tensor([ids]), args.max_new_tokens, density=density,
                       temperature=args.temperature, top_k=args.top_k, eos_id=tokenizer.eos_id,
-                      generator=generator)
+                      generator=generator, cache=cache, prefill_chunk=args.prefill_chunk)
     print(tokenizer.decode(tokens[0].tolist()))
     return 0

@@ -185,7 +185,7 @@ class BlockPlan:
         counts = needed.sum(dim=1)
         width = int(counts.max()) if n else 0
         # Sort so that needed blocks come first, in ascending block order.
-        order = torch.argsort((~needed).to(torch.int8) * n + blocks[None, :], dim=1)[:, :width]
+        order = torch.argsort((~needed).long() * n + blocks[None, :], dim=1)[:, :width]
         indices = torch.where(torch.arange(width)[None, :] < counts[:, None], order, -1)
         self._cache[key] = (counts, indices)
         return counts, indices

@@ -100,6 +100,12 @@ class Attention(nn.Module):
         q, k = apply_rope(q, freqs), apply_rope(k, freqs)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H or G, T, D]
 
+        if cache is not None and hasattr(cache, "attend"):
+            # Caches that evict keys or prefill in chunks (densa.attention.kv_cache)
+            # store this step's keys and values and compute the attention themselves.
+            out = cache.attend(q, k, v, context)
+            return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
         if cache is not None:
             start = cache.length
             cache.k[:, :, start : start + T] = k
@@ -200,11 +206,15 @@ class Transformer(nn.Module):
         context: AttentionContext | None = None,
         caches: list[LayerCache] | None = None,
         start_pos: int = 0,
+        last_only: bool = False,
     ) -> torch.Tensor:
         """Return logits [B, T, V] for tokens [B, T] (or hidden states [B, T, C] on a pipeline stage).
 
         `density` [B, T] is required for density attention. A pipeline stage
         without embeddings receives hidden states [B, T, C] as `tokens`.
+        `last_only` projects only the last position ([B, 1, V]): serving needs
+        no more, and for a 64K-token prompt the full T x V logits would outweigh
+        the whole key/value cache.
         """
         B, T = tokens.shape[:2]
         if start_pos + T > self.config.max_seq_len:
@@ -218,6 +228,8 @@ class Transformer(nn.Module):
         freqs = self.freqs[start_pos : start_pos + T]
         for i, layer in enumerate(self.layers.values()):
             h = layer(h, freqs, context, None if caches is None else caches[i])
+        if last_only:
+            h = h[:, -1:]
         if self.norm is not None:
             h = self.norm(h)
         return self.output(h) if self.output is not None else h
