@@ -21,7 +21,7 @@ def register(subparsers) -> None:
         formatter_class=HelpFormatter,
     )
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder")
-    parser.add_argument("--steps", type=positive_int, default=150, help="training steps per model")
+    parser.add_argument("--steps", type=positive_int, default=80, help="training steps per model")
     parser.add_argument("--batch-size", type=positive_int, default=8, help="sequences per step")
     parser.add_argument("--seq-len", type=positive_int, default=512, help="tokens per sequence")
     parser.add_argument("--seed", type=int, default=0, help="random seed")

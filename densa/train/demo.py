@@ -33,7 +33,7 @@ RESULT_KEYS = ("attention", "val_ppl", "tokens_per_s", "block_sparsity", "peak_m
 
 @dataclass(frozen=True)
 class DemoConfig:
-    steps: int = 150
+    steps: int = 80
     batch_size: int = 8
     seq_len: int = 512
     vocab_size: int = 4096
