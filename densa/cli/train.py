@@ -72,7 +72,8 @@ def build_configs(args):
 
 
 def run(args: argparse.Namespace) -> int:
-    if getattr(args, "nproc", 1) > 1:
+    # A multi-machine job may run one process per machine, so nnodes alone also launches torchrun.
+    if getattr(args, "nproc", 1) > 1 or str(getattr(args, "nnodes", "1")) != "1":
         from densa.train.parallel.launch import launch
 
         return launch(args)

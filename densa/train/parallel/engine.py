@@ -1,0 +1,452 @@
+"""The 3-D parallel training engine: one optimizer step over a global batch on a (pp, dp, tp) mesh.
+
+Every rank builds the same full model from the same seed, keeps its pipeline
+stages, shards them with tensor parallelism (DTensor) and data parallelism
+(FSDP2), and runs forward and backward either directly (pp = 1) or through a
+pipelining schedule (1F1B or interleaved 1F1B).
+
+The loss of every micro-batch is its summed token cross-entropy divided by
+the number of target tokens in the whole global batch (all-reduced over the
+data-parallel group), and replicas sum their gradients. The gradient is
+therefore exactly that of the mean loss over the global batch, whatever share
+of the batch each replica processes.
+
+Legend: B batch rows, T tokens, V vocabulary, m micro-batches, S stages.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.distributed.pipelining import PipelineStage
+
+from densa.model.config import ModelConfig
+from densa.model.llama import Transformer
+from densa.train.parallel.balancer import LoadBalancer
+from densa.train.parallel.data_parallel import apply_fsdp
+from densa.train.parallel.layout import ParallelLayout
+from densa.train.parallel.pipeline import (
+    SCHEDULES,
+    StageTimer,
+    build_schedule,
+    build_stage_module,
+    emulate_slow_device,
+    measure_chunk_cost,
+    costs_by_params,
+    costs_by_time,
+    partition,
+    schedule_bubble,
+    stage_ids_for_rank,
+    valid_microbatches,
+)
+from densa.train.parallel.tensor_parallel import apply_tensor_parallel
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+STAGE_BALANCE = ("params", "time")
+
+
+@dataclass
+class EngineConfig:
+    """Parallel degrees, schedule and optimizer settings of one training run.
+
+    The global batch is dp x microbatches x microbatch_size rows of seq_len + 1
+    tokens. Without pipelining a replica runs its rows as one forward pass and
+    `microbatches` only sizes the batch. `slowdown` > 1 makes the ranks of
+    data-parallel replica `slow_replica` emulate a device that many times
+    slower: after each forward and backward they wait (slowdown - 1) times the
+    time that work took on the unsharded module at start-up. It is an injected
+    fault for the load-balancing benchmark.
+
+    NOTE: the engine trains in fp32 without gradient clipping. A global
+    gradient norm would need a reduction across pipeline stages as well as
+    across the sharded dp and tp dimensions.
+    """
+
+    dp: int = 1
+    tp: int = 1
+    pp: int = 1
+    microbatches: int = 0
+    microbatch_size: int = 1
+    schedule: str = "1f1b"
+    virtual_stages: int = 0
+    stage_balance: str = "params"
+    seq_len: int = 64
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    warmup_steps: int = 0
+    max_steps: int = 100
+    seed: int = 0
+    balance_load: bool = False
+    target_utilisation: float = 0.9
+    slowdown: float = 1.0
+    slow_replica: int = 0
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule={self.schedule!r} is invalid; choose one of {SCHEDULES}")
+        if self.stage_balance not in STAGE_BALANCE:
+            raise ValueError(f"stage_balance={self.stage_balance!r} is invalid; choose one of {STAGE_BALANCE}")
+        if self.virtual_stages == 0:
+            self.virtual_stages = 2 if self.schedule == "interleaved" else 1
+        if self.schedule == "1f1b" and self.virtual_stages != 1:
+            raise ValueError("schedule='1f1b' runs one stage per rank; set virtual_stages=1 or use 'interleaved'")
+        if self.microbatches == 0:
+            # Enough micro-batches for a small bubble: (p - 1)/(m + p - 1) <= 20% at m = 4p.
+            self.microbatches = 4 * self.pp if self.pp > 1 else 1
+        for name in ("microbatches", "microbatch_size", "seq_len", "max_steps", "virtual_stages"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} is invalid; use a positive integer")
+        if self.pp > 1 and not valid_microbatches(self.microbatches, self.pp, self.schedule):
+            raise ValueError(
+                f"microbatches={self.microbatches} does not fit the interleaved schedule with pp={self.pp}; "
+                f"use a multiple of {self.pp}"
+            )
+        if self.balance_load and self.pp > 1 and self.schedule == "interleaved":
+            # NOTE: the interleaved schedule accepts only some micro-batch
+            # counts, so the balancer's shares could be rejected mid-run.
+            raise ValueError("balance_load works with schedule='1f1b'; the interleaved schedule restricts counts")
+        if self.slowdown < 1:
+            raise ValueError(f"slowdown={self.slowdown} is invalid; use 1 (off) or more")
+
+    @property
+    def layout(self) -> ParallelLayout:
+        return ParallelLayout(dp=self.dp, tp=self.tp, pp=self.pp)
+
+    @property
+    def global_batch(self) -> int:
+        return self.dp * self.microbatches * self.microbatch_size
+
+
+@dataclass
+class StepStats:
+    """Measurements of one step: loss and split are the same on every rank, the times are this rank's."""
+
+    step: int
+    loss: float
+    step_s: float
+    compute_s: float
+    utilisation: float
+    split: list[int] = field(default_factory=list)
+    busy_s: float = 0.0
+
+
+def lr_lambda(config: EngineConfig):
+    """Linear warm-up, then cosine decay to min_lr_ratio of the peak at max_steps."""
+
+    def factor(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        progress = min(1.0, (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps))
+        return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class ParallelEngine:
+    """This rank's share of a parallel training run: stage modules, optimizers, schedules and load balancer."""
+
+    def __init__(self, model_config: ModelConfig, config: EngineConfig, device: torch.device | None = None):
+        if model_config.attention == "density":
+            # NOTE: the engine feeds token ids only. Density attention also
+            # needs a density tensor [B, T] per batch, and the pipeline
+            # schedules do not split or forward it yet.
+            raise ValueError('the parallel engine supports attention="dense" or "sliding"; density is not wired in')
+        self.model_config = model_config
+        self.config = config
+        self.layout = ParallelLayout(dp=config.dp, tp=config.tp, pp=config.pp, world_size=dist.get_world_size())
+        self.layout.check_model(model_config, config.virtual_stages)
+        if device is None and torch.cuda.is_available():
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.device = device or torch.device("cpu")
+        self.mesh = self.layout.build_mesh(self.device.type)
+        self.rank = dist.get_rank()
+        coords = self.layout.coordinates(self.rank)
+        self.pp_rank, self.dp_rank, self.tp_rank = coords["pp"], coords["dp"], coords["tp"]
+        self.step_count = 0
+
+        torch.manual_seed(config.seed)
+        full = Transformer(model_config).to(self.device)
+        self.n_stages = config.pp * config.virtual_stages
+        self.layer_split = self._split_layers(full)
+        self.stage_ids = stage_ids_for_rank(self.pp_rank, config.pp, config.virtual_stages)
+        self.modules = [
+            build_stage_module(full, self.layer_split[s], s == 0, s == self.n_stages - 1) for s in self.stage_ids
+        ]
+        del full
+        # Per-unit extra seconds of an emulated slow device, measured before
+        # sharding so that no collective waits enter them.
+        self.extra_s: dict[tuple[str, int], float] = {}
+        if config.slowdown > 1 and self.dp_rank == config.slow_replica:
+            self.extra_s = self._slow_device_costs(config.slowdown)
+        for module in self.modules:
+            if self.layout.tp_enabled:
+                apply_tensor_parallel(module, self.mesh["tp"])
+            if self.layout.dp_enabled:
+                apply_fsdp(module, self.mesh["dp"], reshard_after_forward=not self.layout.pp_enabled)
+
+        self.optimizers = [
+            torch.optim.AdamW(m.parameters(), lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay)
+            for m in self.modules
+        ]
+        self.schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(config)) for opt in self.optimizers]
+
+        self.timer = StageTimer(extra_s=self.extra_s)
+        if not self.layout.pp_enabled:
+            self._time_blocks(self.modules[0])
+        self.stages: list[PipelineStage] = []
+        self._schedules: dict[int, object] = {}
+        if self.layout.pp_enabled:
+            pp_group = self.mesh["pp"].get_group()
+            for module, stage_id in zip(self.modules, self.stage_ids):
+                stage = PipelineStage(module, stage_id, self.n_stages, self.device, group=pp_group)
+                self.timer.wrap(stage)
+                self.stages.append(stage)
+
+        units = config.microbatches * (1 if self.layout.pp_enabled else config.microbatch_size)
+        self.balancer = LoadBalancer(total_units=units * config.dp, n_workers=config.dp,
+                                     target=config.target_utilisation)
+        self._global_tokens = 1
+        logger.info("rank %d: layout %s, stages %s with layers %s", self.rank, self.layout.name, self.stage_ids,
+                    [self.layer_split[s] for s in self.stage_ids])
+
+    # -- construction helpers -------------------------------------------------
+
+    def _split_layers(self, full: Transformer) -> list[list[int]]:
+        if self.config.stage_balance == "params":
+            costs, first, last = costs_by_params(full)
+        else:
+            sample = torch.randint(0, self.model_config.vocab_size, (self.config.microbatch_size, self.config.seq_len),
+                                   generator=torch.Generator().manual_seed(self.config.seed)).to(self.device)
+            costs, first, last = costs_by_time(full, sample)
+            # Timings differ between ranks, so every rank uses rank 0's and all cut alike.
+            shared = torch.tensor(costs + [first, last], dtype=torch.float64)
+            dist.broadcast(shared, src=0)
+            values = shared.tolist()
+            costs, first, last = values[:-2], values[-2], values[-1]
+        return partition(costs, self.n_stages, first, last)
+
+    def _slow_device_costs(self, slowdown: float) -> dict[tuple[str, int], float]:
+        """Extra (forward, backward) seconds per micro-batch of each local stage, or per row without pipelining."""
+        rows = self.config.microbatch_size if self.layout.pp_enabled else 1
+        generator = torch.Generator().manual_seed(self.config.seed)
+        costs = {}
+        for module, stage_id in zip(self.modules, self.stage_ids):
+            if module.tok_embeddings is not None:
+                example = torch.randint(0, self.model_config.vocab_size, (rows, self.config.seq_len),
+                                        generator=generator)
+            else:
+                example = torch.randn(rows, self.config.seq_len, self.model_config.dim, generator=generator)
+            forward, backward = measure_chunk_cost(module, example.to(self.device))
+            costs[("F", stage_id)] = (slowdown - 1) * forward
+            costs[("B", stage_id)] = (slowdown - 1) * backward
+        return costs
+
+    def _time_blocks(self, module: nn.Module) -> None:
+        """Time each block's own forward and backward work, and add the emulated slow device's time there.
+
+        FSDP gathers a block's parameters and reduces its gradients in hooks
+        around the block. These hooks are registered after FSDP's, so the
+        windows exclude those collectives, and with them the waits for slower
+        replicas. A real slow device is slow inside each block, which is why
+        the emulated extra time goes there too rather than once per step.
+        """
+        n_blocks = len(module.layers)
+        forward_s = self.extra_s.get(("F", 0), 0.0) / n_blocks
+        backward_s = self.extra_s.get(("B", 0), 0.0) / n_blocks
+        timer = self.timer
+        forward_start: dict[int, float] = {}
+        backward_start: dict[int, float] = {}
+
+        def before_forward(block, args):
+            forward_start[id(block)] = time.perf_counter()
+            x = args[0]
+            if x.requires_grad:
+                # The gradient of the block input is ready when the block's backward is done.
+                x.register_hook(lambda grad: end_backward(block))
+
+        def after_forward(block, args, output):
+            rows = output.shape[0]
+            emulate_slow_device(rows * forward_s)
+            timer.busy_s += time.perf_counter() - forward_start[id(block)]
+            if output.requires_grad:
+                output.register_hook(lambda grad: start_backward(block, rows))
+
+        def start_backward(block, rows):
+            backward_start[id(block)] = time.perf_counter()
+            emulate_slow_device(rows * backward_s)
+
+        def end_backward(block):
+            timer.busy_s += time.perf_counter() - backward_start[id(block)]
+
+        for block in module.layers.values():
+            block.register_forward_pre_hook(before_forward)
+            block.register_forward_hook(after_forward)
+
+    def _schedule(self, n_microbatches: int):
+        if n_microbatches not in self._schedules:
+            self._schedules[n_microbatches] = build_schedule(self.stages, n_microbatches, self._loss_fn,
+                                                             self.config.schedule)
+        return self._schedules[n_microbatches]
+
+    def _loss_fn(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        # Summed, then divided by the global token count: replicas' gradients add up to the mean loss's.
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
+                               reduction="sum")
+        return loss / self._global_tokens
+
+    # -- properties -------------------------------------------------------------
+
+    @property
+    def has_first_stage(self) -> bool:
+        return 0 in self.stage_ids
+
+    @property
+    def has_last_stage(self) -> bool:
+        return self.n_stages - 1 in self.stage_ids
+
+    def local_rows(self) -> tuple[int, int]:
+        """First row and row count of this replica's share of the global batch."""
+        unit = self.config.microbatch_size if self.layout.pp_enabled else 1
+        return self.balancer.offsets()[self.dp_rank] * unit, self.balancer.split[self.dp_rank] * unit
+
+    # -- one step ---------------------------------------------------------------
+
+    def forward_backward(self, batch: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """Accumulate gradients of the mean token loss of the global batch [B, T + 1] (the same on every rank).
+
+        Returns this rank's part of the loss (zero on pipeline ranks without
+        the last stage) and its compute seconds: wall-clock time inside the
+        decoder blocks (or pipeline chunks) in forward and backward, without
+        collectives, the optimizer or waits for other replicas.
+        """
+        config = self.config
+        if batch.shape[0] != config.global_batch:
+            raise ValueError(f"batch has {batch.shape[0]} rows but the global batch is {config.global_batch}; "
+                             "pass dp x microbatches x microbatch_size rows")
+        start, count = self.local_rows()
+        rows = batch[start : start + count].to(self.device)
+        inputs, targets = rows[:, :-1], rows[:, 1:]  # [b, T] each
+
+        # Count target tokens over the whole global batch. All ranks of a replica read the same rows.
+        tokens = torch.tensor([(targets != IGNORE_INDEX).sum().item()], dtype=torch.float64, device=self.device)
+        if self.layout.dp_enabled:
+            dist.all_reduce(tokens, group=self.mesh["dp"].get_group())
+        self._global_tokens = tokens.item()
+
+        self.timer.reset()
+        if self.layout.pp_enabled:
+            loss = self._pipeline_forward_backward(inputs, targets, count // config.microbatch_size)
+            return loss, self.timer.busy_s
+        logits = self.modules[0](inputs)
+        loss = self._loss_fn(logits, targets)
+        loss.backward()
+        return loss.detach(), self.timer.busy_s
+
+    def optimizer_step(self) -> None:
+        for optimizer, scheduler in zip(self.optimizers, self.schedulers):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+
+    def train_step(self, batch: torch.Tensor) -> StepStats:
+        """Run one optimizer step on the global batch and, when enabled, rebalance the replicas' shares."""
+        start_wall = time.perf_counter()
+        split = list(self.balancer.split)
+        loss, compute = self.forward_backward(batch)
+        self.optimizer_step()
+        loss_value = self.global_loss(loss)
+        step_s = time.perf_counter() - start_wall
+
+        utilisation = compute / step_s
+        if self.config.balance_load:
+            # The data-parallel phase lasts until the slowest replica finishes its
+            # forward and backward; the optimizer and fixed costs do not depend on
+            # the shares, so the balancer's step time leaves them out.
+            per_replica = self._replica_compute(compute)
+            slowest = max(per_replica)
+            self.balancer.update([c / slowest for c in per_replica])
+        self.step_count += 1
+        return StepStats(self.step_count, loss_value, step_s, compute, utilisation, split, self.timer.busy_s)
+
+    def _pipeline_forward_backward(self, inputs, targets, n_microbatches: int) -> torch.Tensor:
+        schedule = self._schedule(n_microbatches)
+        args = (inputs,) if self.has_first_stage else ()
+        losses: list[torch.Tensor] = []
+        if self.has_last_stage:
+            schedule.step(*args, target=targets, losses=losses, return_outputs=False)
+            return torch.stack(losses).sum().detach()
+        schedule.step(*args, return_outputs=False)
+        return torch.zeros((), device=self.device)
+
+    def global_loss(self, loss: torch.Tensor) -> float:
+        """Mean token loss of the global batch, known on every rank."""
+        loss = loss.detach().to(torch.float64).reshape(1)
+        if self.layout.dp_enabled:
+            dist.all_reduce(loss, group=self.mesh["dp"].get_group())
+        if self.layout.pp_enabled:
+            dist.broadcast(loss, group=self.mesh["pp"].get_group(), group_src=self.layout.pp - 1)
+        return loss.item()
+
+    def _replica_compute(self, compute: float) -> list[float]:
+        """All-gather every rank's compute seconds and average them per data-parallel replica."""
+        values = torch.zeros(dist.get_world_size(), dtype=torch.float64)
+        mine = torch.tensor([compute], dtype=torch.float64)
+        dist.all_gather_into_tensor(values, mine)
+        per_replica = [[] for _ in range(self.layout.dp)]
+        for rank, value in enumerate(values.tolist()):
+            per_replica[self.layout.coordinates(rank)["dp"]].append(value)
+        return [sum(v) / len(v) for v in per_replica]
+
+    # -- pipeline bubble --------------------------------------------------------
+
+    def schedule_bubble(self) -> float:
+        """Idle fraction of the last step's executed action order, gathered over the pipeline group."""
+        if not self.layout.pp_enabled:
+            return 0.0
+        gathered: list = [None] * self.layout.pp
+        dist.all_gather_object(gathered, list(self.timer.actions), group=self.mesh["pp"].get_group())
+        return schedule_bubble(dict(enumerate(gathered)))
+
+    def measured_bubble(self, stats: StepStats) -> float:
+        """1 - (compute-busy seconds / step seconds), averaged over the pipeline ranks of this replica."""
+        if not self.layout.pp_enabled:
+            return 0.0
+        busy = torch.tensor([stats.busy_s / stats.step_s], dtype=torch.float64)
+        dist.all_reduce(busy, group=self.mesh["pp"].get_group())
+        return 1.0 - busy.item() / self.layout.pp
+
+    # -- parameters, for tests and snapshots ------------------------------------
+
+    def named_parameters(self):
+        """(name, parameter) of every stage module on this rank, with the original model's names."""
+        for module in self.modules:
+            yield from module.named_parameters()
+
+    def full_parameters(self) -> dict[str, torch.Tensor]:
+        """Unsharded copies of this rank's parameters (a collective over the dp and tp groups)."""
+        return {name: _full(p).detach().clone() for name, p in self.named_parameters()}
+
+    def full_gradients(self) -> dict[str, torch.Tensor]:
+        return {name: _full(p.grad).detach().clone() for name, p in self.named_parameters() if p.grad is not None}
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def reference_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """Mean token cross-entropy of a whole model on batch [B, T + 1], for comparison with the engine."""
+    inputs, targets = batch[:, :-1], batch[:, 1:]
+    logits = model(inputs)  # [B, T, V]
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)

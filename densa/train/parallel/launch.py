@@ -1,0 +1,121 @@
+"""`densa train --nproc N --dp A --tp B --pp C`: start the parallel workers with torchrun.
+
+The launcher turns the `densa train` flags into a torchrun command
+(torch.distributed.run) running densa.train.parallel.worker on every
+process, with NCCL on GPUs and gloo on CPU. Several machines join one job
+through the c10d rendezvous: run the same command on each with --nnodes,
+--node-rank and the same --rdzv-endpoint. With --max-restarts K, torchrun
+restarts every worker after a failure and the workers resume from the newest
+snapshot in OUT/snapshots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+
+import torch
+
+from densa.io import InputError
+from densa.train.parallel.pipeline import SCHEDULES
+
+logger = logging.getLogger(__name__)
+
+# `densa train` flags forwarded to the worker unchanged: (attribute, worker flag).
+FORWARDED = [
+    ("data", "--data"),
+    ("config", "--config"),
+    ("attention", "--attention"),
+    ("window", "--window"),
+    ("vocab_size", "--vocab-size"),
+    ("steps", "--steps"),
+    ("seq_len", "--seq-len"),
+    ("lr", "--lr"),
+    ("warmup_steps", "--warmup-steps"),
+    ("seed", "--seed"),
+    ("ckpt_every", "--snapshot-every"),
+    ("resume", "--resume"),
+]
+
+
+def add_parallel_args(parser: argparse.ArgumentParser) -> None:
+    """Add the multi-process flags to the `densa train` parser."""
+    group = parser.add_argument_group("parallel training (torchrun)")
+    group.add_argument("--nproc", type=int, default=1, help="processes per machine; more than 1 starts torchrun")
+    group.add_argument("--dp", type=int, default=0, help="data-parallel degree (0: world size / (tp x pp))")
+    group.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (within a machine)")
+    group.add_argument("--pp", type=int, default=1, help="pipeline-parallel degree")
+    group.add_argument("--microbatches", type=int, default=0,
+                       help="pipeline micro-batches per data-parallel replica (0: 4 x pp)")
+    group.add_argument("--schedule", choices=SCHEDULES, default="1f1b", help="pipeline schedule")
+    group.add_argument("--nnodes", default="1", help="machines in the job, or MIN:MAX for an elastic job")
+    group.add_argument("--node-rank", type=int, default=0, help="this machine's index, 0 to nnodes - 1")
+    group.add_argument("--rdzv-endpoint", default="127.0.0.1:29500",
+                       help="HOST:PORT of the rendezvous, the same on every machine")
+    group.add_argument("--max-restarts", type=int, default=0,
+                       help="times torchrun restarts the workers after a failure (they resume from the last snapshot)")
+
+
+def torchrun_command(args: argparse.Namespace) -> list[str]:
+    """Build the torchrun command line for `args`, raising InputError for impossible layouts."""
+    nproc = args.nproc
+    max_nodes = int(str(args.nnodes).split(":")[-1])
+    world = nproc * max_nodes
+    tp, pp = args.tp, args.pp
+    if nproc < 1 or tp < 1 or pp < 1 or args.dp < 0:
+        raise InputError(f"--nproc {nproc}, --tp {tp}, --pp {pp}, --dp {args.dp}: degrees must be positive")
+    if world % (tp * pp):
+        raise InputError(f"{world} processes cannot hold tp x pp = {tp * pp}; choose --nproc a multiple of it")
+    dp = args.dp or world // (tp * pp)
+    if dp * tp * pp != world:
+        raise InputError(
+            f"--dp {dp} x --tp {tp} x --pp {pp} = {dp * tp * pp} does not match {world} processes "
+            f"({nproc} per machine x {max_nodes} machines); make the product equal"
+        )
+    if getattr(args, "attention", "dense") == "density":
+        raise InputError("the parallel engine supports --attention dense or sliding; density attention "
+                         "runs on one process only (drop --nproc or pick another pattern)")
+    if getattr(args, "dtype", "fp32") != "fp32":
+        raise InputError("the parallel engine trains in fp32; drop --dtype or use --nproc 1")
+    microbatches = args.microbatches or (4 * pp if pp > 1 else 1)
+    batch_size = getattr(args, "batch_size", dp * microbatches)
+    if batch_size % (dp * microbatches):
+        raise InputError(
+            f"--batch-size {batch_size} does not split into {dp} replicas x {microbatches} micro-batches; "
+            f"use a multiple of {dp * microbatches}"
+        )
+
+    worker = ["--out", str(getattr(args, "out", "runs/train")), "--dp", str(dp), "--tp", str(tp), "--pp", str(pp),
+              "--microbatches", str(microbatches), "--microbatch-size", str(batch_size // (dp * microbatches)),
+              "--schedule", args.schedule]
+    for attribute, flag in FORWARDED:
+        value = getattr(args, attribute, None)
+        if value is not None:
+            worker += [flag, str(value)]
+    return [
+        sys.executable, "-m", "torch.distributed.run",
+        "--nproc-per-node", str(nproc),
+        "--nnodes", str(args.nnodes),
+        "--node-rank", str(args.node_rank),
+        "--rdzv-backend", "c10d",
+        "--rdzv-endpoint", args.rdzv_endpoint,
+        "--rdzv-id", "densa-train",
+        "--max-restarts", str(args.max_restarts),
+        "-m", "densa.train.parallel.worker", *worker,
+    ]
+
+
+def launch(args: argparse.Namespace) -> int:
+    """Run torchrun for `args` and return its exit code."""
+    command = torchrun_command(args)
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        # gloo workers of a restarted job must not reuse the agent's TCP store
+        # from the failed attempt, or their rendezvous keys collide.
+        env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    env.setdefault("OMP_NUM_THREADS", "1")
+    logger.info("starting: %s", " ".join(command))
+    return subprocess.call(command, env=env)
