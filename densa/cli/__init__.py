@@ -29,6 +29,12 @@ SUBCOMMAND_MODULES = [
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Show defaults in --help and keep description paragraphs as written."""
 
+    def _get_help_string(self, action):
+        # An option without a default gets no "(default: None)" suffix.
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(

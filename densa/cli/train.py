@@ -20,7 +20,7 @@ def register(subparsers) -> None:
         "train",
         help="train a model on text files",
         description="Train a density-adaptive (or dense / sliding-window) model on .txt or .jsonl files, "
-        "a folder of them, or the files under ../shared/data/longdoc. Omit --data to use the built-in "
+        "a folder of them, including the VCSum, GovReport and annual-report JSON-lines layouts. Omit --data to use the built-in "
         "corpus (CPython's language reference).",
         formatter_class=HelpFormatter,
     )

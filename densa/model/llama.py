@@ -64,8 +64,9 @@ class AttentionContext:
     """Attention inputs shared by every layer in one forward pass.
 
     `plans` holds one BlockPlan per sequence for the sparse patterns (None for
-    dense attention). When decoding with a cache, `decode_mask` [B, T_keys] is
-    the mask row of the single new query.
+    dense attention). `decode_mask` [B, T_keys] lists the keys every query may
+    read: the mask row of the new token when decoding with a cache, or a
+    key-padding mask in the bidirectional image-text encoder.
     """
 
     pattern: str
