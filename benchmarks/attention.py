@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import densa  # noqa: F401  (before torch: sets OMP_WAIT_POLICY)
 import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
