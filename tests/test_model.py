@@ -53,7 +53,7 @@ def test_invalid_config_rejected(changes, fragment):
 def test_config_round_trips_through_dict():
     config = small_config(attention="sliding")
     assert ModelConfig.from_dict(config.to_dict()) == config
-    with pytest.raises(ValueError, match="unknown model config keys"):
+    with pytest.raises(ValueError, match="unknown ModelConfig keys"):
         ModelConfig.from_dict({**config.to_dict(), "heads": 3})
 
 

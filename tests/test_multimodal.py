@@ -447,6 +447,8 @@ def _parallel_worker(rank: int, world_size: int, init_file: str, out_dir: str) -
                 results[method]["queue_ids"] = aligner.image_queue.ordered()[1]
                 results[method]["queue_keys"] = aligner.text_queue.ordered()[0]
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        # Both ranks leave together, so neither tears gloo down under the other.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

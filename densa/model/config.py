@@ -5,13 +5,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from densa.config import DictConfig
 from densa.density.plan import PlanConfig
 
 ATTENTION_KINDS = ("dense", "sliding", "density")
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(DictConfig):
     """A Llama-style decoder: RMSNorm, RoPE, SwiGLU, grouped-query attention.
 
     `attention` picks the pattern: "dense" (causal SDPA), "sliding" (a fixed
@@ -61,19 +62,6 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.dim // self.n_heads
 
-    def replace(self, **changes) -> "ModelConfig":
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "ModelConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown model config keys {unknown}; valid keys are {sorted(known)}")
-        return cls(**values)
 
 
 def _tuples(values: dict) -> dict:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from densa.config import DictConfig
 from densa.model.config import ModelConfig
 from densa.model.llama import AttentionContext, RMSNorm, TransformerBlock, rope_frequencies
 
@@ -26,7 +27,7 @@ TEXT, IMAGE = 0, 1  # rows of the modality embedding
 
 
 @dataclass(frozen=True)
-class AlignConfig:
+class AlignConfig(DictConfig):
     """The shared encoder and the two projection heads.
 
     `text_head_dim` and `image_head_dim` are the hidden widths of the
@@ -80,19 +81,6 @@ class AlignConfig:
             rope_theta=self.rope_theta, norm_eps=self.norm_eps, attention="dense",
         )
 
-    def replace(self, **changes) -> "AlignConfig":
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "AlignConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown align config keys {unknown}; valid keys are {sorted(known)}")
-        return cls(**values)
 
 
 def tiny(vocab_size: int = 2048, **changes) -> AlignConfig:

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from densa.io import InputError
+from densa.io import InputError, current_umask
 from densa.model.config import ModelConfig
 from densa.model.llama import Transformer
 
@@ -44,6 +44,8 @@ def save_checkpoint(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    # mkdtemp creates the folder private (0700); checkpoints get the usual umask-based mode.
+    os.chmod(tmp, 0o777 & ~current_umask())
     try:
         weights = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
         save_file(weights, tmp / MODEL_FILE)

@@ -192,4 +192,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # NOTE: after a torchrun restart, interpreter teardown of a finished worker
+    # sometimes aborted on gloo ("terminate called without an active
+    # exception", SIGABRT) once all outputs were written and the process group
+    # destroyed. Exiting without that teardown keeps a finished job's exit code
+    # 0; main() has already flushed and closed everything it wrote.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
