@@ -17,7 +17,7 @@ def register(subparsers) -> None:
         description="Train three tiny models (dense, sliding-window and density-adaptive attention) with the "
         "same budget on the built-in corpus (CPython's language reference, no download), then print held-out "
         "perplexity, training tokens/s, block sparsity and peak memory. Writes demo_results.json, "
-        "density_heatmap.png and one checkpoint per model into --out. About 5 minutes on 2 CPU cores.",
+        "density_heatmap.png and one checkpoint per model into --out. About 3 minutes on 2 idle CPU cores.",
         formatter_class=HelpFormatter,
     )
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder")
