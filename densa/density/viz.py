@@ -25,7 +25,8 @@ def save_density_heatmap(
     """Draw density [T] as a grid (one row per `row_tokens` tokens) above the block plan.
 
     Rows default to one kernel block each, so the strip beside the grid lines
-    up with the plan: dense blocks in red, low-density blocks shaded by window.
+    up with the plan: dense blocks in red, low-density blocks in grey, darker
+    for wider windows.
     """
     T = density.numel()
     row_tokens = row_tokens or plan.block_size
@@ -46,12 +47,15 @@ def save_density_heatmap(
     # One cell per row: the plan of the block holding the row's first token.
     first_tokens = torch.arange(rows) * row_tokens
     blocks = first_tokens // plan.block_size
-    dense = plan.dense[blocks].float()
-    window = plan.window[blocks].float() / max(float(plan.window.max()), 1.0)
-    strip = torch.where(dense.bool(), torch.ones_like(window), 0.5 * window)[:, None]
-    ax_plan.imshow(strip.numpy(), aspect="auto", cmap="Reds", vmin=0.0, vmax=1.0, interpolation="nearest")
+    dense = plan.dense[blocks]
+    widest = max(float(plan.window.max()), 1.0)
+    grey = 0.9 - 0.6 * plan.window[blocks].float() / widest  # 0.9 (narrow) to 0.3 (widest)
+    strip = torch.stack([grey, grey, grey], dim=-1)  # [rows, 3] RGB
+    strip[dense] = torch.tensor([0.85, 0.1, 0.1])
+    ax_plan.imshow(strip[:, None, :].numpy(), aspect="auto", interpolation="nearest")
     ax_plan.set_xticks([])
     ax_plan.set_title("plan", fontsize=9)
+    ax_plan.set_xlabel(f"red: dense\ngrey: window\n(darker = wider,\nmax {int(widest)})", fontsize=7)
     fig.text(0.99, 0.01, f"block sparsity {plan.block_sparsity():.1%}, dense blocks {plan.dense_fraction():.1%}",
              ha="right", va="bottom", fontsize=8)
     fig.tight_layout()
