@@ -120,7 +120,7 @@ def test_density_decoding_uses_prompt_dense_keys():
     assert out.shape == (1, 50)
 
     # Recompute the last generated step by hand: prompt under its plan, then
-    # each generated query sees its window plus the prompt's dense keys.
+    # each generated query reads its window plus the prompt's dense keys.
     from densa.model.generate import decode_mask
 
     context = model.attention_context(1, 40, density)

@@ -82,7 +82,8 @@ def test_candidates_respect_constraints():
     assert candidates
     for dp, tp, pp, b, v in candidates:
         assert dp * tp * pp == 64
-        assert tp <= 8 and 12 % tp == 0
+        assert tp <= 8
+        assert 12 % tp == 0
         assert 24 % (pp * v) == 0
         assert 64 % (dp * b) == 0
         if v > 1:
@@ -93,7 +94,8 @@ def test_candidates_respect_constraints():
 def test_plan_ranks_fitting_layouts_first():
     estimates = plan(request(params=70e9, layers=80, hidden=8192, heads=64, gpus=64, global_batch=256))
     fits = [e.fits for e in estimates]
-    assert True in fits and False in fits
+    assert True in fits
+    assert False in fits
     assert fits == sorted(fits, reverse=True)
     fitting = [e.step_s for e in estimates if e.fits]
     assert fitting == sorted(fitting)
@@ -101,7 +103,8 @@ def test_plan_ranks_fitting_layouts_first():
 
 def test_derived_shape_near_params():
     hidden, layers = derive_shape(70e9)
-    assert hidden % 1024 == 0 and layers % 8 == 0
+    assert hidden % 1024 == 0
+    assert layers % 8 == 0
     assert math.isclose(12 * layers * hidden**2, 70e9, rel_tol=0.1)
 
 
@@ -120,7 +123,8 @@ def test_cli_writes_json(tmp_path, capsys):
                  "--json", str(out)])
     assert code == 0
     printed = capsys.readouterr().out
-    assert "312 TFLOP/s" in printed and "datasheet" in printed
+    assert "312 TFLOP/s" in printed
+    assert "datasheet" in printed
     record = json.loads(out.read_text())
     assert record["assumptions"]["peak_tflops_bf16"] == 312.0
     first = record["layouts"][0]

@@ -1,6 +1,6 @@
 """A Llama-style decoder with pluggable attention: dense, sliding window or density-adaptive.
 
-The file holds model math only. Parallelism, quantization and compilation are
+The file contains model math only. Parallelism, quantization and compilation are
 applied to a built model from outside, so layers are kept addressable by name
 (`layers` is a ModuleDict) and may be deleted or replaced: a pipeline stage
 keeps only its share, and `tok_embeddings`, `norm` or `output` may be None.
