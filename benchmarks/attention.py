@@ -35,6 +35,7 @@ from torch.profiler import ProfilerActivity, profile
 from torch.profiler._memory_profiler import Action
 
 from densa.attention import blocksparse_attention, build_block_mask, flex_attention
+from densa.attention.blocksparse import prepare_layout
 from densa.cli import HelpFormatter
 from densa.data.readers import read_annual_report, read_vcsum
 from densa.density import DensityAnalyzer, plan_blocks
@@ -165,16 +166,51 @@ def make_cases(plan: BlockPlan, q, k, v):
 
 
 def plan_timings(density: torch.Tensor, warmup: int, repeats: int) -> dict[str, float]:
-    """Time plan_blocks + key_blocks and the flex BlockMask (median ms), each on a fresh plan."""
+    """Median ms to build, on a fresh plan each time, what each backend needs before it runs.
 
-    def plan_and_blocks():
-        plan_blocks(density).key_blocks(True)
+    plan_ms: plan_blocks plus the block count; layout_ms: the blocksparse
+    decomposition on top; block_mask_ms: key_blocks and the flex BlockMask on top.
+    """
+
+    def plan_only():
+        plan_blocks(density).computed_blocks(True)
+
+    def layout():
+        prepare_layout(plan_blocks(density), True)
 
     def block_mask():
         build_block_mask(plan_blocks(density), True)
 
-    plan_ms = median_ms(plan_and_blocks, warmup, repeats)
-    return {"plan_ms": plan_ms, "block_mask_ms": median_ms(block_mask, warmup, repeats) - plan_ms}
+    plan_ms = median_ms(plan_only, warmup, repeats)
+    return {
+        "plan_ms": plan_ms,
+        "layout_ms": median_ms(layout, warmup, repeats) - plan_ms,
+        "block_mask_ms": median_ms(block_mask, warmup, repeats) - plan_ms,
+    }
+
+
+def plan_scaling(density: torch.Tensor, lengths: list[int], repeats: int) -> list[dict]:
+    """Plan construction time against length: per length, ms and microseconds per 1K tokens.
+
+    Densities longer than the document repeat it, which keeps the share of
+    dense candidates realistic.
+    """
+    records = []
+    for length in lengths:
+        tiled = density.repeat(-(-length // len(density)))[:length]
+        timing = plan_timings(tiled, 1, repeats)
+        blocksparse_ms = timing["plan_ms"] + timing["layout_ms"]
+        records.append(
+            {
+                "kind": "plan_scaling",
+                "length": length,
+                "plan_ms": round(timing["plan_ms"], 3),
+                "blocksparse_plan_ms": round(blocksparse_ms, 3),
+                "flex_plan_ms": round(timing["plan_ms"] + timing["block_mask_ms"], 3),
+                "blocksparse_us_per_1k_tokens": round(1e3 * blocksparse_ms / (length / 1024), 2),
+            }
+        )
+    return records
 
 
 def run_length(length: int, density: torch.Tensor, args) -> list[dict]:
@@ -216,7 +252,7 @@ def run_length(length: int, density: torch.Tensor, args) -> list[dict]:
         speedup = sdpa_ms / value if sdpa_ms else math.nan
         sdpa_cpu_ms = cpu_ms.get(("sdpa", pass_))
         cpu_speedup = sdpa_cpu_ms / cpu_ms[(backend, pass_)] if sdpa_cpu_ms else math.nan
-        plan_cost = planning["plan_ms"] + (planning["block_mask_ms"] if backend == "flex" else 0.0)
+        plan_cost = planning["plan_ms"] + planning["block_mask_ms" if backend == "flex" else "layout_ms"]
         records.append(
             {
                 "length": length,
@@ -279,6 +315,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs per case after the first call")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per case; the median is reported")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads")
+    parser.add_argument(
+        "--plan-lengths", type=int, nargs="*", default=[4096, 16384, 65536, 262144],
+        help="lengths for the plan construction scaling table (the document repeats past its end); none skips it",
+    )
     parser.add_argument("--json", type=Path, help="write one record per (length, backend, pass) to this file")
     args = parser.parse_args(argv)
     if min(args.lengths) < 1 or args.repeats < 1 or args.warmup < 0 or args.threads < 1:
@@ -316,11 +356,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"running T={length} ...", file=sys.stderr, flush=True)
         records.extend(run_length(length, density, args))
     print(format_table(records))
+    if args.plan_lengths:
+        scaling = plan_scaling(density, args.plan_lengths, args.repeats)
+        print("\nplan construction against length (ms; us per 1K tokens for blocksparse)")
+        print(f"{'T':>7} {'plan':>8} {'blocksparse':>12} {'flex':>8} {'us/1K':>7}")
+        for r in scaling:
+            print(
+                f"{r['length']:>7} {r['plan_ms']:>8.2f} {r['blocksparse_plan_ms']:>12.2f} {r['flex_plan_ms']:>8.2f} "
+                f"{r['blocksparse_us_per_1k_tokens']:>7.1f}"
+            )
+        records.extend(scaling)
     print(
         "peak MB: peak CPU tensor memory allocated during one call beyond the inputs "
         "(torch.profiler memory timeline; a fused kernel's scratch buffers are not counted)\n"
         "speed-up: SDPA time / backend time for the same pass; ideal: dense blocks / computed blocks; "
-        "plan %: plan_blocks + key_blocks (+ BlockMask for flex) as a share of the backend's time; "
+        "plan %: plan_blocks plus the blocksparse layout, or key_blocks and the BlockMask for flex, "
+        "as a share of the backend's time; "
         "1st call: includes layout caching and, for flex, compilation; "
         "cpu ms / cpu x: process CPU time and its speed-up, steadier than wall time on a shared machine "
         "when --threads 1"

@@ -121,7 +121,7 @@ def test_blocksparse_chunked_windows_match_reference(monkeypatch, causal):
     # A fresh plan, because layouts are cached on the plan.
     plan = BlockPlan(source.seq_len, source.block_size, source.dense.clone(), source.window.clone())
     _assert_matches_reference(blocksparse_attention, plan, causal, kv_heads=2)
-    window_parts = [part for part in blocksparse_module._layout(plan, causal).parts if part.mask_id is not None]
+    window_parts = [part for part in blocksparse_module.prepare_layout(plan, causal).parts if part.mask_id is not None]
     assert max(part.q_rows.start.numel() for part in window_parts) == 2
 
 

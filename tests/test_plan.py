@@ -134,3 +134,25 @@ def test_key_blocks_ordered_past_127_blocks():
         rows = mask[qb * bs : (qb + 1) * bs]
         needed = [kb for kb in range(plan.n_blocks) if rows[:, kb * bs : (kb + 1) * bs].any()]
         assert indices[qb, : counts[qb]].tolist() == needed, qb
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("seed", range(6))
+def test_key_blocks_match_token_mask_on_random_plans(causal, seed):
+    # Several dense stretches, windows wider and narrower than a block, and a
+    # ragged last block: the direct construction must equal the token mask.
+    generator = torch.Generator().manual_seed(seed)
+    T = int(torch.randint(200, 700, (1,), generator=generator))
+    config = PlanConfig(block_size=16, near_window=(3, 40), far_window=(1, 9), near_tokens=20, far_tokens=80,
+                        max_dense_fraction=0.3, threshold=0.6)
+    plan = plan_blocks(torch.rand(T, generator=generator), config)
+    assert 1 < int(plan.dense.sum()) < plan.n_blocks
+    n, bs = plan.n_blocks, plan.block_size
+    mask = torch.nn.functional.pad(dense_mask(plan, causal), (0, n * bs - T, 0, n * bs - T))
+    needed = mask.view(n, bs, n, bs).any(dim=3).any(dim=1)  # [N, N] block-level
+    counts, indices = plan.key_blocks(causal)
+    assert torch.equal(counts, needed.sum(dim=1))
+    assert plan.computed_blocks(causal) == int(needed.sum())
+    for qb in range(n):
+        assert indices[qb, : counts[qb]].tolist() == needed[qb].nonzero().flatten().tolist(), qb
+        assert (indices[qb, counts[qb] :] == -1).all()

@@ -175,9 +175,13 @@ def _build_layout(plan: BlockPlan, causal: bool) -> _Layout:
     return _Layout(plan.n_blocks * bs, dense_tokens, tuple(parts), tuple(allowed_masks))
 
 
-def _layout(plan: BlockPlan, causal: bool) -> _Layout:
-    # The plan's cache is shared with key_blocks; one plan serves every layer
-    # of a forward pass, so the decomposition is built once.
+def prepare_layout(plan: BlockPlan, causal: bool) -> _Layout:
+    """Return the plan's decomposition into fused-attention parts, cached on the plan.
+
+    One plan serves every layer of a forward pass, so the decomposition is
+    built once, in time linear in the block count. Call this ahead of the
+    forward pass to keep that time out of the first layer.
+    """
     key = ("blocksparse_layout", causal)
     if key not in plan._cache:
         plan._cache[key] = _build_layout(plan, causal)
@@ -306,7 +310,7 @@ def _probabilities(q, k, causal, mask, scale, lse=None):
 class _BlockSparseAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, plan: BlockPlan, causal: bool):
-        layout = _layout(plan, causal)
+        layout = prepare_layout(plan, causal)
         batch, heads, seq_len, dim = q.shape
         scale = 1.0 / math.sqrt(dim)
         pad = layout.padded_len - seq_len
@@ -340,7 +344,7 @@ class _BlockSparseAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, out, lse = ctx.saved_tensors
         plan, causal = ctx.plan, ctx.causal
-        layout = _layout(plan, causal)
+        layout = prepare_layout(plan, causal)
         seq_len, dim = q.shape[2], q.shape[3]
         scale = 1.0 / math.sqrt(dim)
         pad = layout.padded_len - seq_len

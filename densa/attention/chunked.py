@@ -50,9 +50,7 @@ def allowed_keys(plan: BlockPlan, q_pos: torch.Tensor, k_pos: torch.Tensor) -> t
 def _dense_block_prefix(plan: BlockPlan, block: int) -> int:
     """Tokens of the key prefix that high-density query block `block` reads: every key up to its end.
 
-    Taken from the rule itself rather than from `BlockPlan.key_blocks`, whose
-    block lists come out of order for plans of 128 or more blocks in the
-    current densa.density.plan (an int8 sort key overflows there).
+    Taken from the rule itself: a high-density query attends to every earlier key.
     """
     return min((block + 1) * plan.block_size, plan.seq_len)
 

@@ -149,49 +149,69 @@ class BlockPlan:
 
         return mask
 
+    def _key_ranges(self, causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Return the key-block ranges of each query block: (low [N], high [N], dense_prefix [N + 1]).
+
+        Query block i computes the contiguous key blocks low[i]..high[i] plus
+        every high-density key block outside that range. For a high-density
+        query block the range is every visible key block. `dense_prefix[j]`
+        counts the high-density blocks before block j. O(N).
+        """
+        n, bs = self.n_blocks, self.block_size
+        blocks = torch.arange(n)
+        q_first = blocks * bs
+        q_last = torch.clamp(q_first + bs - 1, max=self.seq_len - 1)
+        # A window of w tokens reaches back to token q_first - (w - 1) and,
+        # bidirectionally, forward to q_last + (w - 1).
+        reach = (self.window - 1).clamp(min=0)
+        low = torch.div((q_first - reach).clamp(min=0), bs, rounding_mode="floor")
+        high = blocks if causal else torch.div((q_last + reach).clamp(max=self.seq_len - 1), bs, rounding_mode="floor")
+        low = torch.where(self.dense, 0, low)
+        high = torch.where(self.dense, blocks if causal else n - 1, high)
+        dense_prefix = torch.cat([torch.zeros(1, dtype=torch.long), self.dense.long().cumsum(0)])
+        return low, high, dense_prefix
+
+    def block_counts(self, causal: bool = True) -> torch.Tensor:
+        """Count the key blocks each query block computes: int64 [N], in O(N) time."""
+        low, high, dense_prefix = self._key_ranges(causal)
+        # Dense key blocks below the range, the range itself and, unless
+        # causal, the dense key blocks above it.
+        above = 0 if causal else dense_prefix[-1] - dense_prefix[high + 1]
+        return dense_prefix[low] + (high - low + 1) + above
+
     def key_blocks(self, causal: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (counts [N], indices [N, K]): the key blocks each query block must compute.
 
         Row i of `indices` lists, in ascending order, the `counts[i]` key blocks
         that hold at least one allowed key for some query of block i; the rest
-        of the row is padding with -1. Built from block-level ranges, never from
-        the T x T token mask.
+        of the row is padding with -1 (K = counts.max()). This padded layout is
+        the one FlexAttention's BlockMask takes. Each row is the high-density
+        blocks below the window range, the range, then (bidirectional only) the
+        high-density blocks above it, so every entry is computed directly: no sort and no N x N
+        boolean table, and the work is the size of the output.
         """
         key = ("key_blocks", causal)
         if key in self._cache:
             return self._cache[key]
-
-        n, bs = self.n_blocks, self.block_size
-        blocks = torch.arange(n)
-        q_first = blocks * bs
-        q_last = torch.clamp(q_first + bs - 1, max=self.seq_len - 1)
-
-        # Window reach of each query block, in key blocks. A window of w tokens
-        # reaches back to token q_first - (w - 1) and, bidirectionally, forward
-        # to q_last + (w - 1).
-        reach = (self.window - 1).clamp(min=0)
-        low = torch.div((q_first - reach).clamp(min=0), bs, rounding_mode="floor")
-        high = torch.div((q_last + reach).clamp(max=self.seq_len - 1), bs, rounding_mode="floor")
-        if causal:
-            high = blocks
-        in_window = (blocks[None, :] >= low[:, None]) & (blocks[None, :] <= high[:, None])
-
-        # N x N booleans at block level: at 64K tokens and 128-token blocks this
-        # is 512 x 512, small next to the attention itself.
-        needed = in_window | self.dense[None, :] | self.dense[:, None]
-        if causal:
-            needed &= blocks[None, :] <= blocks[:, None]
-
-        counts = needed.sum(dim=1)
-        width = int(counts.max()) if n else 0
-        # Sort so that needed blocks come first, in ascending block order.
-        order = torch.argsort((~needed).long() * n + blocks[None, :], dim=1)[:, :width]
-        indices = torch.where(torch.arange(width)[None, :] < counts[:, None], order, -1)
+        low, high, dense_prefix = self._key_ranges(causal)
+        counts = self.block_counts(causal)
+        width = int(counts.max()) if self.n_blocks else 0
+        dense_blocks = self.dense.nonzero().flatten()
+        col = torch.arange(width)[None, :]  # [1, K]
+        below = dense_prefix[low][:, None]  # [N, 1]: dense blocks before the range
+        span = (high - low + 1)[:, None]
+        in_range = low[:, None] + (col - below)
+        # Index into dense_blocks for the parts below and above the range;
+        # clamped so the unused branches stay in bounds.
+        dense_col = torch.where(col < below, col, dense_prefix[high + 1][:, None] + (col - below - span))
+        dense_pick = dense_blocks[dense_col.clamp(0, max(len(dense_blocks) - 1, 0))] if len(dense_blocks) else dense_col
+        indices = torch.where((col >= below) & (col < below + span), in_range, dense_pick)
+        indices = torch.where(col < counts[:, None], indices, -1)
         self._cache[key] = (counts, indices)
         return counts, indices
 
     def computed_blocks(self, causal: bool = True) -> int:
-        return int(self.key_blocks(causal)[0].sum())
+        return int(self.block_counts(causal).sum())
 
     def total_blocks(self, causal: bool = True) -> int:
         """Blocks that dense attention computes: the lower triangle when causal."""
