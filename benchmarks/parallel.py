@@ -77,6 +77,8 @@ def single_process_losses(model_cfg: ModelConfig, engine_cfg: EngineConfig, step
         loss = reference_loss(model, make_batch(engine_cfg.global_batch, engine_cfg.seq_len, model_cfg.vocab_size,
                                                 step))
         loss.backward()
+        if engine_cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), engine_cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()

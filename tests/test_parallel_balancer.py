@@ -6,6 +6,7 @@ from densa.model.config import ModelConfig
 from densa.train.parallel.balancer import LoadBalancer, apportion
 from densa.train.parallel.engine import EngineConfig
 
+from test_parallel_density import SEQ_LEN, SMALL_CLIP, density_config, make_batches
 from test_parallel_engine import check_layout, model_config, run_world
 
 
@@ -61,13 +62,15 @@ def test_state_dict_round_trip_and_new_dp():
     assert other.split == [6, 6]
 
 
-def unequal_batches() -> None:
-    """Four processes: dp4 with unequal rows, then dp2 x pp2 with unequal micro-batch counts."""
+def unequal_batches(density_batches) -> None:
+    """Four processes: dp4 with unequal rows, then dp2 x pp2 with unequal micro-batch counts, dense and density."""
     cfg = model_config()
     check_layout(cfg, EngineConfig(dp=4, microbatches=2, seq_len=16), split=[1, 2, 4, 1])
     check_layout(cfg, EngineConfig(dp=2, pp=2, microbatches=4, seq_len=16), split=[6, 2])
+    check_layout(density_config(), EngineConfig(dp=2, pp=2, microbatches=4, seq_len=SEQ_LEN, grad_clip=SMALL_CLIP),
+                 split=[6, 2], batches=density_batches)
 
 
 @pytest.mark.slow
 def test_unequal_local_batches_give_exact_gradients():
-    run_world(4, unequal_batches)
+    run_world(4, unequal_batches, make_batches(rows=8, steps=2))

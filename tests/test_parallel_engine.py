@@ -4,6 +4,7 @@ Each test spawns real processes on 127.0.0.1 that run several layouts in one
 process group, so the suite pays the start-up cost once per world size.
 """
 
+import math
 import os
 import socket
 
@@ -37,10 +38,13 @@ def make_batch(rows: int, seq_len: int, vocab: int, seed: int) -> torch.Tensor:
 
 
 def check_layout(model_cfg: ModelConfig, engine_cfg: EngineConfig, steps: int = 2,
-                 split: list[int] | None = None) -> ParallelEngine:
-    """Compare loss and gradients of `steps` optimizer steps with one process on the whole batch.
+                 split: list[int] | None = None,
+                 batches: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> ParallelEngine:
+    """Compare loss, gradients and clipping of `steps` optimizer steps with one process on the whole batch.
 
     `split` fixes the replicas' shares of the global batch (rows, or micro-batches with pipelining).
+    `batches` gives (tokens, density) [B, T + 1] per step; without it the tokens are random and
+    there are no densities.
     """
     engine = ParallelEngine(model_cfg, engine_cfg)
     if split is not None:
@@ -53,12 +57,18 @@ def check_layout(model_cfg: ModelConfig, engine_cfg: EngineConfig, steps: int = 
     reference_params = dict(reference.named_parameters())
     label = engine_cfg.layout.name + f" {engine_cfg.schedule}"
 
+    max_norm = engine_cfg.grad_clip if engine_cfg.grad_clip > 0 else math.inf
+
     for step in range(steps):
-        batch = make_batch(engine_cfg.global_batch, engine_cfg.seq_len, model_cfg.vocab_size, seed=step)
-        expected = reference_loss(reference, batch)
+        if batches is None:
+            batch = make_batch(engine_cfg.global_batch, engine_cfg.seq_len, model_cfg.vocab_size, seed=step)
+            density = None
+        else:
+            batch, density = batches[step]
+        expected = reference_loss(reference, batch, density)
         expected.backward()
 
-        loss, _ = engine.forward_backward(batch)
+        loss, _ = engine.forward_backward(batch, density)
         loss = engine.global_loss(loss)
         assert abs(loss - expected.item()) < 1e-5, f"{label} step {step}: loss {loss} != {expected.item()}"
         grads = engine.full_gradients()
@@ -66,6 +76,13 @@ def check_layout(model_cfg: ModelConfig, engine_cfg: EngineConfig, steps: int = 
         for name, grad in grads.items():
             torch.testing.assert_close(grad, reference_params[name].grad, atol=ATOL, rtol=RTOL,
                                        msg=lambda m, name=name: f"{label} step {step} grad {name}: {m}")
+
+        expected_norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), max_norm).item()
+        norm = engine.clip_gradients()
+        assert norm == pytest.approx(expected_norm, rel=1e-5), f"{label} step {step}: grad norm"
+        for name, grad in engine.full_gradients().items():
+            torch.testing.assert_close(grad, reference_params[name].grad, atol=ATOL, rtol=RTOL,
+                                       msg=lambda m, name=name: f"{label} step {step} clipped grad {name}: {m}")
 
         engine.optimizer_step()
         optimizer.step()

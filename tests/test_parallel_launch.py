@@ -6,10 +6,15 @@ import socket
 import subprocess
 
 import pytest
+import torch
 
 from densa.cli import build_parser
 from densa.io import InputError
+from densa.model.llama import Transformer
+from densa.train.parallel import worker
+from densa.train.parallel.engine import EngineConfig, lr_lambda, reference_loss
 from densa.train.parallel.launch import torchrun_command
+from densa.train.trainer import batch_indices
 
 
 def free_port() -> int:
@@ -55,10 +60,15 @@ def test_command_rejects_bad_layouts(flags, message):
         torchrun_command(parse(*flags))
 
 
-def test_command_rejects_density_attention():
-    args = build_parser().parse_args(["train", "--nproc", "2", "--attention", "density"])
-    with pytest.raises(InputError, match="density"):
-        torchrun_command(args)
+def test_command_forwards_density_plan_and_clip():
+    args = build_parser().parse_args(["train", "--nproc", "2", "--attention", "density", "--threshold", "0.6",
+                                      "--block-size", "64", "--grad-clip", "0.5"])
+    command = torchrun_command(args)
+    worker_flags = command[command.index("densa.train.parallel.worker") + 1 :]
+    assert worker_flags[worker_flags.index("--attention") + 1] == "density"
+    assert worker_flags[worker_flags.index("--threshold") + 1] == "0.6"
+    assert worker_flags[worker_flags.index("--block-size") + 1] == "64"
+    assert worker_flags[worker_flags.index("--grad-clip") + 1] == "0.5"
 
 
 def run_job(out, *extra: str) -> dict:
@@ -90,3 +100,40 @@ def test_killed_worker_resumes_bit_identical(tmp_path):
     assert [r["step"] for r in killed["records"]].count(3) == 2
     assert killed["losses"] == clean["losses"]
     assert killed["parameter_sha256"] == clean["parameter_sha256"]
+
+
+def test_worker_trains_density_attention_on_pipeline(tmp_path):
+    """pp2 with density attention through torchrun: losses and grad norms equal one process's, clipping included."""
+    args = parse("--nproc", "2", "--pp", "2", "--microbatches", "2", "--batch-size", "4", "--steps", "2",
+                 "--seq-len", "32", "--out", str(tmp_path), "--vocab-size", "96", "--attention", "density",
+                 "--block-size", "16", "--grad-clip", "0.5", "--rdzv-endpoint", f"127.0.0.1:{free_port()}")
+    command = torchrun_command(args) + ["--synthetic", "16", "--dim", "64", "--n-layers", "2", "--n-heads", "8",
+                                        "--n-kv-heads", "4", "--ffn-dim", "128"]
+    env = dict(os.environ, TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1", OMP_NUM_THREADS="1")
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+
+    worker_args = worker.build_parser().parse_args(command[command.index("densa.train.parallel.worker") + 1 :])
+    model_config = worker.model_config_from(worker_args)
+    assert model_config.attention == "density"
+    tokens, density = worker.load_tokens(worker_args, rank=0)
+    engine_config = EngineConfig(lr=worker_args.lr, warmup_steps=worker_args.warmup_steps,
+                                 max_steps=worker_args.steps)
+    torch.manual_seed(worker_args.seed)
+    model = Transformer(model_config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=engine_config.lr, betas=(0.9, 0.95),
+                                  weight_decay=engine_config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(engine_config))
+    for step, record in enumerate(records):
+        rows = batch_indices(step, len(tokens), 4, worker_args.seed)
+        loss = reference_loss(model, tokens[rows], density[rows])
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5).item()
+        assert record["loss"] == pytest.approx(loss.item(), rel=1e-5), f"step {record['step']} loss"
+        assert record["grad_norm"] == pytest.approx(norm, rel=1e-5), f"step {record['step']} grad norm"
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+    assert records[0]["grad_norm"] > 0.5, "the first step's gradients should be clipped"

@@ -62,7 +62,6 @@ def test_check_model_pp_needs_enough_layers():
         ParallelLayout(pp=4).check_model(config, virtual_stages=2)
 
 
-def test_check_model_rejects_density_with_model_parallelism():
-    config = ModelConfig(vocab_size=64, dim=64, n_layers=4, n_heads=8, n_kv_heads=4, ffn_dim=128)
-    with pytest.raises(ValueError, match="density"):
-        ParallelLayout(pp=2).check_model(config)
+def test_check_model_accepts_density_with_model_parallelism():
+    config = ModelConfig(vocab_size=64, dim=64, n_layers=4, n_heads=8, n_kv_heads=4, ffn_dim=128, attention="density")
+    ParallelLayout(dp=2, tp=2, pp=2).check_model(config, virtual_stages=2)

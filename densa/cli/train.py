@@ -34,6 +34,8 @@ def register(subparsers) -> None:
     group.add_argument("--seq-len", type=positive_int, default=512, help="tokens per sequence")
     group.add_argument("--lr", type=positive_float, default=2e-3, help="peak learning rate")
     group.add_argument("--warmup-steps", type=int, default=20, help="linear warmup steps")
+    group.add_argument("--grad-clip", type=float, default=1.0,
+                       help="maximum global gradient norm before each optimizer step (0: no clipping)")
     group.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="compute dtype (autocast)")
     group.add_argument("--seed", type=int, default=0, help="random seed")
     group.add_argument("--vocab-size", type=positive_int, default=4096, help="BPE vocabulary size")
@@ -61,8 +63,8 @@ def build_configs(args):
         model_config = preset(args.config, attention=args.attention, window=args.window, plan=plan,
                               vocab_size=args.vocab_size)
         train_config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                                   warmup_steps=args.warmup_steps, dtype=args.dtype, seed=args.seed,
-                                   eval_every=args.eval_every, ckpt_every=args.ckpt_every)
+                                   warmup_steps=args.warmup_steps, grad_clip=args.grad_clip, dtype=args.dtype,
+                                   seed=args.seed, eval_every=args.eval_every, ckpt_every=args.ckpt_every)
     except ValueError as err:
         raise InputError(str(err)) from None
     if args.seq_len > model_config.max_seq_len:

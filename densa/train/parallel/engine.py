@@ -5,6 +5,15 @@ stages, shards them with tensor parallelism (DTensor) and data parallelism
 (FSDP2), and runs forward and backward either directly (pp = 1) or through a
 pipelining schedule (1F1B or interleaved 1F1B).
 
+Density attention needs the token densities of each batch next to its token
+ids. Every rank reads the same global batch, so each one slices its replica's
+rows of both and passes the densities to every local stage: directly without
+pipelining, and as a keyword argument of the schedule's step() with it.
+torch.distributed.pipelining splits keyword arguments into micro-batches like
+the inputs and hands them to every stage, not only the first, so each stage
+builds the same block plans from the same rows (plans are deterministic
+functions of the densities, which keeps tensor-parallel ranks in step).
+
 The loss of every micro-batch is its summed token cross-entropy divided by
 the number of target tokens in the whole global batch (all-reduced over the
 data-parallel group), and replicas sum their gradients. The gradient is
@@ -26,6 +35,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.pipelining import PipelineStage
+from torch.distributed.tensor import DTensor
 
 from densa.model.config import ModelConfig
 from densa.model.llama import Transformer
@@ -66,9 +76,10 @@ class EngineConfig:
     time that work took on the unsharded module at start-up. It is an injected
     fault for the load-balancing benchmark.
 
-    NOTE: the engine trains in fp32 without gradient clipping. A global
-    gradient norm would need a reduction across pipeline stages as well as
-    across the sharded dp and tp dimensions.
+    `grad_clip` is the maximum global gradient norm (0 turns clipping off),
+    the same rule as torch.nn.utils.clip_grad_norm_ on the whole model.
+
+    NOTE: the engine trains in fp32 only.
     """
 
     dp: int = 1
@@ -90,6 +101,7 @@ class EngineConfig:
     target_utilisation: float = 0.9
     slowdown: float = 1.0
     slow_replica: int = 0
+    grad_clip: float = 1.0
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -118,6 +130,8 @@ class EngineConfig:
             raise ValueError("balance_load works with schedule='1f1b'; the interleaved schedule restricts counts")
         if self.slowdown < 1:
             raise ValueError(f"slowdown={self.slowdown} is invalid; use 1 (off) or more")
+        if not isinstance(self.grad_clip, (int, float)) or not 0 <= self.grad_clip < math.inf:
+            raise ValueError(f"grad_clip={self.grad_clip!r} is invalid; use 0 (off) or a positive maximum gradient norm")
 
     @property
     def layout(self) -> ParallelLayout:
@@ -130,7 +144,10 @@ class EngineConfig:
 
 @dataclass
 class StepStats:
-    """Measurements of one step: loss and split are the same on every rank, the times are this rank's."""
+    """Measurements of one step: loss, grad norm and split are the same on every rank, the times are this rank's.
+
+    `grad_norm` is the global gradient norm before clipping.
+    """
 
     step: int
     loss: float
@@ -139,6 +156,7 @@ class StepStats:
     utilisation: float
     split: list[int] = field(default_factory=list)
     busy_s: float = 0.0
+    grad_norm: float = 0.0
 
 
 def lr_lambda(config: EngineConfig):
@@ -157,11 +175,6 @@ class ParallelEngine:
     """This rank's share of a parallel training run: stage modules, optimizers, schedules and load balancer."""
 
     def __init__(self, model_config: ModelConfig, config: EngineConfig, device: torch.device | None = None):
-        if model_config.attention == "density":
-            # NOTE: the engine feeds token ids only. Density attention also
-            # needs a density tensor [B, T] per batch, and the pipeline
-            # schedules do not split or forward it yet.
-            raise ValueError('the parallel engine supports attention="dense" or "sliding"; density is not wired in')
         self.model_config = model_config
         self.config = config
         self.layout = ParallelLayout(dp=config.dp, tp=config.tp, pp=config.pp, world_size=dist.get_world_size())
@@ -226,9 +239,11 @@ class ParallelEngine:
         if self.config.stage_balance == "params":
             costs, first, last = costs_by_params(full)
         else:
-            sample = torch.randint(0, self.model_config.vocab_size, (self.config.microbatch_size, self.config.seq_len),
-                                   generator=torch.Generator().manual_seed(self.config.seed)).to(self.device)
-            costs, first, last = costs_by_time(full, sample)
+            generator = torch.Generator().manual_seed(self.config.seed)
+            rows = self.config.microbatch_size
+            sample = torch.randint(0, self.model_config.vocab_size, (rows, self.config.seq_len), generator=generator)
+            density = self._sample_density(rows, generator)
+            costs, first, last = costs_by_time(full, sample.to(self.device), density=density)
             # Timings differ between ranks, so every rank uses rank 0's and all cut alike.
             shared = torch.tensor(costs + [first, last], dtype=torch.float64)
             dist.broadcast(shared, src=0)
@@ -247,10 +262,21 @@ class ParallelEngine:
                                         generator=generator)
             else:
                 example = torch.randn(rows, self.config.seq_len, self.model_config.dim, generator=generator)
-            forward, backward = measure_chunk_cost(module, example.to(self.device))
+            density = self._sample_density(rows, generator)
+            forward, backward = measure_chunk_cost(module, example.to(self.device), density=density)
             costs[("F", stage_id)] = (slowdown - 1) * forward
             costs[("B", stage_id)] = (slowdown - 1) * backward
         return costs
+
+    def _sample_density(self, rows: int, generator: torch.Generator) -> torch.Tensor | None:
+        """Seeded densities [rows, T] for timing density attention before training, None for other patterns.
+
+        NOTE: uniform random densities stand in for real text, whose plans may
+        be sparser or denser, so density-attention timings are estimates.
+        """
+        if self.model_config.attention != "density":
+            return None
+        return torch.rand(rows, self.config.seq_len, generator=generator).to(self.device)
 
     def _time_blocks(self, module: nn.Module) -> None:
         """Time each block's own forward and backward work, and add the emulated slow device's time there.
@@ -322,21 +348,29 @@ class ParallelEngine:
 
     # -- one step ---------------------------------------------------------------
 
-    def forward_backward(self, batch: torch.Tensor) -> tuple[torch.Tensor, float]:
+    def forward_backward(self, batch: torch.Tensor,
+                         density: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
         """Accumulate gradients of the mean token loss of the global batch [B, T + 1] (the same on every rank).
 
-        Returns this rank's part of the loss (zero on pipeline ranks without
-        the last stage) and its compute seconds: wall-clock time inside the
-        decoder blocks (or pipeline chunks) in forward and backward, without
-        collectives, the optimizer or waits for other replicas.
+        `density` [B, T + 1] contains the densities of the batch's tokens, as
+        PackedDataset stores them. Density attention requires it and the other
+        patterns ignore it. Returns this rank's part of the loss (zero on
+        pipeline ranks without the last stage) and its compute seconds:
+        wall-clock time inside the decoder blocks (or pipeline chunks) in
+        forward and backward, without collectives, the optimizer or waits for
+        other replicas.
         """
         config = self.config
         if batch.shape[0] != config.global_batch:
             raise ValueError(f"batch has {batch.shape[0]} rows but the global batch is {config.global_batch}; "
                              "pass dp x microbatches x microbatch_size rows")
+        self._check_density(batch, density)
         start, count = self.local_rows()
         rows = batch[start : start + count].to(self.device)
         inputs, targets = rows[:, :-1], rows[:, 1:]  # [b, T] each
+        if density is not None:
+            # The density of each input token: the last token is only a target.
+            density = density[start : start + count, :-1].to(self.device)  # [b, T]
 
         # Count target tokens over the whole global batch. All ranks of a replica read the same rows.
         tokens = torch.tensor([(targets != IGNORE_INDEX).sum().item()], dtype=torch.float64, device=self.device)
@@ -346,24 +380,82 @@ class ParallelEngine:
 
         self.timer.reset()
         if self.layout.pp_enabled:
-            loss = self._pipeline_forward_backward(inputs, targets, count // config.microbatch_size)
+            loss = self._pipeline_forward_backward(inputs, targets, density, count // config.microbatch_size)
             return loss, self.timer.busy_s
-        logits = self.modules[0](inputs)
+        logits = self.modules[0](inputs, density=density)
         loss = self._loss_fn(logits, targets)
         loss.backward()
         return loss.detach(), self.timer.busy_s
 
+    def _check_density(self, batch: torch.Tensor, density: torch.Tensor | None) -> None:
+        if density is None:
+            if self.model_config.attention == "density":
+                raise ValueError("attention='density' needs token densities; pass density [B, T + 1] "
+                                 "with the batch, as PackedDataset.density stores them")
+            return
+        if tuple(density.shape) != tuple(batch.shape):
+            raise ValueError(f"density has shape {tuple(density.shape)} but the batch is {tuple(batch.shape)}; "
+                             "pass one density per token of the batch")
+        if not density.is_floating_point():
+            raise ValueError(f"density has dtype {density.dtype}; pass float densities in [0, 1]")
+
+    def clip_gradients(self) -> float:
+        """Scale all gradients to a global norm of at most grad_clip (when > 0); return the norm before clipping.
+
+        The norm is the 2-norm over every parameter of the model, as
+        torch.nn.utils.clip_grad_norm_ computes it on one process. It takes
+        two kinds of collectives, and no gradient flows through either because
+        they run after backward. First, get_total_norm on the DTensor
+        gradients of one (mesh, placements) group returns a partial norm,
+        which full_tensor() all-reduces over the dp and tp ranks that shard
+        the group. Plain tensors are replicated over tp and unsharded without
+        dp, so they need no reduction. Second, the squared norms of this
+        rank's stages are all-reduced over the pp group. Each stage lives on
+        exactly one pipeline rank, so every rank ends with the same global norm.
+        """
+        groups: dict[object, list[torch.Tensor]] = {}
+        parameters = [p for module in self.modules for p in module.parameters() if p.grad is not None]
+        for param in parameters:
+            grad = param.grad
+            key = (grad.device_mesh, grad.placements) if isinstance(grad, DTensor) else None
+            groups.setdefault(key, []).append(grad)
+
+        squared = torch.zeros((), dtype=torch.float32, device=self.device)
+        for grads in groups.values():
+            norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+            if isinstance(norm, DTensor):
+                norm = norm.full_tensor()
+            squared = squared + norm.to(squared.device).pow(2)
+        if self.layout.pp_enabled:
+            dist.all_reduce(squared, group=self.mesh["pp"].get_group())
+        total_norm = squared.sqrt()
+
+        if self.config.grad_clip > 0:
+            # The coefficient of clip_grad_norm_, max_norm / (norm + 1e-6) capped
+            # at 1, in fp32 as it computes it. It is applied as a Python number
+            # because torch's in-place foreach multiply rejects a plain-tensor
+            # factor for DTensor gradients (torch 2.13).
+            coefficient = (self.config.grad_clip / (total_norm + 1e-6)).clamp(max=1.0).item()
+            for param in parameters:
+                param.grad.mul_(coefficient)
+        return total_norm.item()
+
     def optimizer_step(self) -> None:
+        """Step every stage's optimizer and scheduler and clear the gradients; clip_gradients() comes first."""
         for optimizer, scheduler in zip(self.optimizers, self.schedulers):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
 
-    def train_step(self, batch: torch.Tensor) -> StepStats:
-        """Run one optimizer step on the global batch and, when enabled, rebalance the replicas' shares."""
+    def train_step(self, batch: torch.Tensor, density: torch.Tensor | None = None) -> StepStats:
+        """Run forward and backward, clip the gradients and step the optimizers, then rebalance if enabled.
+
+        `density` [B, T + 1] contains the token densities (see forward_backward).
+        """
         start_wall = time.perf_counter()
         split = list(self.balancer.split)
-        loss, compute = self.forward_backward(batch)
+        loss, compute = self.forward_backward(batch, density)
+        grad_norm = self.clip_gradients()
         self.optimizer_step()
         loss_value = self.global_loss(loss)
         step_s = time.perf_counter() - start_wall
@@ -377,16 +469,20 @@ class ParallelEngine:
             slowest = max(per_replica)
             self.balancer.update([c / slowest for c in per_replica])
         self.step_count += 1
-        return StepStats(self.step_count, loss_value, step_s, compute, utilisation, split, self.timer.busy_s)
+        return StepStats(self.step_count, loss_value, step_s, compute, utilisation, split, self.timer.busy_s,
+                         grad_norm)
 
-    def _pipeline_forward_backward(self, inputs, targets, n_microbatches: int) -> torch.Tensor:
+    def _pipeline_forward_backward(self, inputs, targets, density, n_microbatches: int) -> torch.Tensor:
         schedule = self._schedule(n_microbatches)
         args = (inputs,) if self.has_first_stage else ()
+        # Positional inputs reach the first stage only, while keyword inputs are
+        # split into micro-batches along dim 0 and reach every stage's forward.
+        kwargs = {} if density is None else {"density": density}
         losses: list[torch.Tensor] = []
         if self.has_last_stage:
-            schedule.step(*args, target=targets, losses=losses, return_outputs=False)
+            schedule.step(*args, target=targets, losses=losses, return_outputs=False, **kwargs)
             return torch.stack(losses).sum().detach()
-        schedule.step(*args, return_outputs=False)
+        schedule.step(*args, return_outputs=False, **kwargs)
         return torch.zeros((), device=self.device)
 
     def global_loss(self, loss: torch.Tensor) -> float:
@@ -445,8 +541,11 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
-def reference_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    """Mean token cross-entropy of a whole model on batch [B, T + 1], for comparison with the engine."""
+def reference_loss(model: nn.Module, batch: torch.Tensor, density: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean token cross-entropy of a whole model on batch [B, T + 1], for comparison with the engine.
+
+    `density` [B, T + 1] contains the token densities that density attention needs.
+    """
     inputs, targets = batch[:, :-1], batch[:, 1:]
-    logits = model(inputs)  # [B, T, V]
+    logits = model(inputs, density=None if density is None else density[:, :-1])  # [B, T, V]
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)

@@ -30,11 +30,14 @@ FORWARDED = [
     ("config", "--config"),
     ("attention", "--attention"),
     ("window", "--window"),
+    ("threshold", "--threshold"),
+    ("block_size", "--block-size"),
     ("vocab_size", "--vocab-size"),
     ("steps", "--steps"),
     ("seq_len", "--seq-len"),
     ("lr", "--lr"),
     ("warmup_steps", "--warmup-steps"),
+    ("grad_clip", "--grad-clip"),
     ("seed", "--seed"),
     ("ckpt_every", "--snapshot-every"),
     ("resume", "--resume"),
@@ -75,9 +78,6 @@ def torchrun_command(args: argparse.Namespace) -> list[str]:
             f"--dp {dp} x --tp {tp} x --pp {pp} = {dp * tp * pp} does not match {world} processes "
             f"({nproc} per machine x {max_nodes} machines); make the product equal"
         )
-    if getattr(args, "attention", "dense") == "density":
-        raise InputError("the parallel engine supports --attention dense or sliding; density attention "
-                         "runs on one process only (drop --nproc or pick another pattern)")
     if getattr(args, "dtype", "fp32") != "fp32":
         raise InputError("the parallel engine trains in fp32; drop --dtype or use --nproc 1")
     microbatches = args.microbatches or (4 * pp if pp > 1 else 1)

@@ -109,15 +109,6 @@ class ParallelLayout:
                 f"pp={self.pp} with {virtual_stages} stage(s) per rank needs at least {stages} layers, "
                 f"but the model has n_layers={config.n_layers}; lower pp or the stages per rank"
             )
-        if config.attention == "density" and (self.pp_enabled or self.tp_enabled):
-            # NOTE: density attention builds per-sequence block plans from a
-            # density tensor [B, T]; the pipeline schedules pass only tensors
-            # between stages and split them into micro-batches, so the engine
-            # supports "dense" and "sliding" attention for tp or pp > 1.
-            raise ValueError(
-                'attention="density" is not supported with tensor or pipeline parallelism yet; '
-                'use attention="dense" or "sliding", or data parallelism alone'
-            )
 
     def build_mesh(self, device_type: str | None = None) -> DeviceMesh:
         """Create the 3-D DeviceMesh ("pp", "dp", "tp"); the process group must already be initialised."""

@@ -79,15 +79,17 @@ def costs_by_params(model: nn.Module) -> tuple[list[float], float, float]:
     return layers, first, last
 
 
-def costs_by_time(model: nn.Module, tokens: torch.Tensor, repeats: int = 3) -> tuple[list[float], float, float]:
+def costs_by_time(model: nn.Module, tokens: torch.Tensor, repeats: int = 3,
+                  density: torch.Tensor | None = None) -> tuple[list[float], float, float]:
     """Measure forward+backward seconds of each layer, the embedding and the head on sample tokens [B, T].
 
-    Takes the median of `repeats` runs after one warm-up run on the local
-    device. Timings differ between ranks, so the engine broadcasts rank 0's
-    result and all ranks cut identically.
+    `density` [B, T] is required for density attention. Takes the median of
+    `repeats` runs after one warm-up run on the local device. Timings differ
+    between ranks, so the engine broadcasts rank 0's result and all ranks cut
+    identically.
     """
     B, T = tokens.shape
-    context = model.attention_context(B, T, None)
+    context = model.attention_context(B, T, density)
     freqs = model.freqs[:T]
 
     def timed(fn, x):
@@ -178,16 +180,18 @@ def emulate_slow_device(seconds: float) -> None:
         time.sleep(seconds)
 
 
-def measure_chunk_cost(module: nn.Module, example: torch.Tensor, repeats: int = 3) -> tuple[float, float]:
+def measure_chunk_cost(module: nn.Module, example: torch.Tensor, repeats: int = 3,
+                       density: torch.Tensor | None = None) -> tuple[float, float]:
     """Return median (forward, backward) seconds of `module` on `example`, before any sharding.
 
-    Timed on the plain module so that no collective waits enter the numbers.
-    The engine scales them into the fixed extra time of an emulated slow device.
+    `density` [B, T] is required for density attention. Timed on the plain
+    module so that no collective waits enter the numbers. The engine scales
+    them into the fixed extra time of an emulated slow device.
     """
     forward, backward = [], []
     for _ in range(repeats + 1):
         start = time.perf_counter()
-        out = module(example)
+        out = module(example, density=density)
         middle = time.perf_counter()
         out.float().pow(2).mean().backward()
         forward.append(middle - start)

@@ -5,6 +5,10 @@ the engine. It resumes from the newest snapshot in OUT/snapshots when there is
 one, which is how a job restarted by torchrun --max-restarts continues. Then
 it trains and writes a snapshot every --snapshot-every steps. Rank 0 appends one JSON
 line per step to OUT/metrics.jsonl and writes OUT/summary.json at the end.
+
+Every batch carries the token densities next to the token ids: those of
+DensityAnalyzer for text, seeded uniform ones for --synthetic data. Density
+attention builds its block plans from them, and the other patterns ignore them.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from densa.density.plan import PlanConfig
 from densa.io import atomic_write_text
 from densa.model.config import ModelConfig, preset
 from densa.train.parallel.engine import EngineConfig, ParallelEngine
@@ -42,8 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     model = parser.add_argument_group("model")
     model.add_argument("--config", default="tiny", help="model preset")
-    model.add_argument("--attention", default="dense", choices=["dense", "sliding"], help="attention pattern")
+    model.add_argument("--attention", default="dense", choices=["dense", "sliding", "density"],
+                       help="attention pattern")
     model.add_argument("--window", type=int, default=128, help="window of sliding attention, in tokens")
+    model.add_argument("--threshold", type=float, default=0.7,
+                       help="token density at or above which a token counts as dense (density attention)")
+    model.add_argument("--block-size", type=int, default=128, help="kernel block size of the block plans, in tokens")
     model.add_argument("--vocab-size", type=int, default=4096, help="vocabulary size")
     model.add_argument("--dim", type=int, default=0, help="override the preset's model dim")
     model.add_argument("--n-layers", type=int, default=0, help="override the preset's layer count")
@@ -68,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
     train.add_argument("--lr", type=float, default=3e-4, help="peak learning rate")
     train.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps")
+    train.add_argument("--grad-clip", type=float, default=1.0, help="maximum global gradient norm (0: no clipping)")
     train.add_argument("--seed", type=int, default=0, help="seed of the model init and the data order")
     train.add_argument("--snapshot-every", type=int, default=0, help="steps between snapshots (0: end only)")
     train.add_argument("--resume", type=Path,
@@ -84,15 +94,17 @@ def build_parser() -> argparse.ArgumentParser:
 def model_config_from(args) -> ModelConfig:
     changes = {name: getattr(args, name) for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim")
                if getattr(args, name)}
-    config = preset(args.config, vocab_size=args.vocab_size, attention=args.attention, window=args.window)
+    plan = PlanConfig(threshold=args.threshold, block_size=args.block_size)
+    config = preset(args.config, vocab_size=args.vocab_size, attention=args.attention, window=args.window, plan=plan)
     return config.replace(max_seq_len=max(config.max_seq_len, args.seq_len), **changes)
 
 
-def load_tokens(args, rank: int) -> torch.Tensor:
-    """Training sequences int64 [S, seq_len + 1], the same on every rank."""
+def load_tokens(args, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training sequences: tokens int64 and densities float32, [S, seq_len + 1] each and the same on every rank."""
     if args.synthetic:
         generator = torch.Generator().manual_seed(args.seed)
-        return torch.randint(0, args.vocab_size, (args.synthetic, args.seq_len + 1), generator=generator)
+        tokens = torch.randint(0, args.vocab_size, (args.synthetic, args.seq_len + 1), generator=generator)
+        return tokens, torch.rand(args.synthetic, args.seq_len + 1, generator=generator)
     path = args.out / "tokens.pt"
     if rank == 0:
         # One rank tokenizes (BPE training is not free); the others read its result.
@@ -103,10 +115,11 @@ def load_tokens(args, rank: int) -> torch.Tensor:
         documents = builtin_corpus() if args.data is None else read_documents(args.data)
         data = prepare_data(documents, args.seq_len, args.vocab_size, seed=args.seed, cache_dir=args.out / "cache")
         tmp = path.with_suffix(".tmp")
-        torch.save(data.train.tokens, tmp)
+        torch.save({"tokens": data.train.tokens, "density": data.train.density}, tmp)
         os.replace(tmp, path)
     dist.barrier()
-    return torch.load(path, weights_only=True)
+    data = torch.load(path, weights_only=True)
+    return data["tokens"], data["density"]
 
 
 def parameter_digest(engine: ParallelEngine) -> str:
@@ -142,9 +155,9 @@ def main(argv: list[str] | None = None) -> int:
             microbatch_size=args.microbatch_size, schedule=args.schedule, virtual_stages=args.virtual_stages,
             stage_balance=args.stage_balance, seq_len=args.seq_len, lr=args.lr, warmup_steps=args.warmup_steps,
             max_steps=args.steps, seed=args.seed, balance_load=args.balance_load, slowdown=args.slowdown,
-            slow_replica=args.slow_replica,
+            slow_replica=args.slow_replica, grad_clip=args.grad_clip,
         )
-        tokens = load_tokens(args, rank)
+        tokens, density = load_tokens(args, rank)
         engine = ParallelEngine(model_config, engine_config)
         snapshots = args.out / "snapshots"
         latest = latest_snapshot(snapshots)
@@ -163,15 +176,16 @@ def main(argv: list[str] | None = None) -> int:
                                                                        "time": time.time()}))
                 logger.warning("fault injection: killing rank %d before step %d", rank, step)
                 os.kill(os.getpid(), signal.SIGKILL)
-            batch = tokens[batch_indices(step, len(tokens), engine_config.global_batch, args.seed)]
-            stats = engine.train_step(batch)
+            rows = batch_indices(step, len(tokens), engine_config.global_batch, args.seed)
+            stats = engine.train_step(tokens[rows], density[rows])
             if rank == 0:
-                record = {"step": stats.step, "loss": stats.loss, "step_s": stats.step_s,
-                          "utilisation": stats.utilisation, "split": stats.split, "time": time.time(),
-                          "restart": restart}
+                record = {"step": stats.step, "loss": stats.loss, "grad_norm": stats.grad_norm,
+                          "step_s": stats.step_s, "utilisation": stats.utilisation, "split": stats.split,
+                          "time": time.time(), "restart": restart}
                 with open(metrics, "a", encoding="utf-8") as f:
                     f.write(json.dumps(record) + "\n")
-                logger.info("step %d loss %.4f %.3fs split %s", stats.step, stats.loss, stats.step_s, stats.split)
+                logger.info("step %d loss %.4f grad norm %.3f %.3fs split %s", stats.step, stats.loss,
+                            stats.grad_norm, stats.step_s, stats.split)
             if args.snapshot_every and stats.step % args.snapshot_every == 0 and stats.step < args.steps:
                 save_snapshot(engine, snapshots)
 
