@@ -2,7 +2,8 @@
 
 Two parts, selected with --parts:
 
-perplexity: three tiny models (the `tiny` preset, about 3M parameters) with
+perplexity: three small models (--model: `mini`, 1.8M parameters, or the
+    `tiny` preset) with
     dense, sliding-window and density-adaptive attention are trained one after
     another on CPU with the same tokenizer, data, seed, steps and batches.
     Each is evaluated on held-out documents of each source: VCSum meetings
@@ -32,8 +33,9 @@ key_token (index of the number's first token), layers, density_reachable,
 sliding_reachable, density_sparsity, sliding_window, sliding_sparsity and
 key_block_dense (whether the pass key's block is high-density).
 
-Example (on 2 shared CPU cores the perplexity part took about 40 minutes
-with the default 60 steps, the reachability part about 10 minutes):
+Example (on 2 shared CPU cores the perplexity part took about 65 minutes
+with the default 1000 steps of the mini model on one thread, the
+reachability part about 10 minutes):
 
     python benchmarks/quality.py --json quality.json
 
@@ -79,6 +81,9 @@ PPL_PLAN = PlanConfig(threshold=0.7, block_size=64, near_window=(64, 128), far_w
                       near_tokens=128, far_tokens=512, max_dense_fraction=0.1)
 # The library defaults, meant for 8K-64K tokens.
 REACH_PLAN = PlanConfig()
+# Changes to the tiny preset. "mini" keeps about 0.8M parameters outside the
+# embeddings, so that 1000 steps of each model fit in a CPU benchmark.
+MODEL_SIZES = {"tiny": {}, "mini": dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=384)}
 
 PASSKEY = {
     "en": " The pass key is {key}. Remember it. {key} is the pass key. ",
@@ -151,7 +156,7 @@ def run_perplexity(args: argparse.Namespace) -> list[dict]:
     for attention in ("density", "sliding", "dense"):
         torch.manual_seed(args.seed)
         config = tiny(tokenizer.vocab_size, attention=attention, window=window, plan=PPL_PLAN,
-                      max_seq_len=args.seq_len)
+                      max_seq_len=args.seq_len, **MODEL_SIZES[args.model])
         model = Transformer(config)
         trainer = Trainer(model, train, train_config)
         start = time.perf_counter()
@@ -164,7 +169,8 @@ def run_perplexity(args: argparse.Namespace) -> list[dict]:
                                            "density": train_sparsity}[attention],
                   "val_ppl": {}, "val_block_sparsity": {}, "train_seconds": seconds,
                   "final_loss": statistics.fmean(result.losses[-10:]), "steps": args.steps,
-                  "batch_size": args.batch_size, "seq_len": args.seq_len}
+                  "batch_size": args.batch_size, "seq_len": args.seq_len, "model": args.model,
+                  "parameters": sum(p.numel() for p in model.parameters())}
         total_nll, total_tokens = 0.0, 0
         for name, dataset in val.items():
             if attention == "sliding":
@@ -395,8 +401,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--parts", nargs="+", default=["perplexity", "reachability"],
                         choices=["perplexity", "reachability"], help="which parts to run")
     parser.add_argument("--json", type=Path, help="write the records to this file")
-    parser.add_argument("--steps", type=int, default=60, help="training steps per model")
+    parser.add_argument("--steps", type=int, default=1000, help="training steps per model")
     parser.add_argument("--batch-size", type=int, default=4, help="sequences per step")
+    parser.add_argument("--model", choices=sorted(MODEL_SIZES), default="mini",
+                        help="tiny: the tiny preset; mini: 128 wide, 4 layers (see MODEL_SIZES)")
     parser.add_argument("--seq-len", type=int, default=1024, help="tokens per training sequence")
     parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
     parser.add_argument("--eval-sequences", type=int, default=16, help="held-out sequences per source")
@@ -431,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
 
     records: list[dict] = []
     if "perplexity" in args.parts:
-        print(f"perplexity: tiny preset, seq_len {args.seq_len}, batch {args.batch_size}, {args.steps} steps, "
+        print(f"perplexity: {args.model} model, seq_len {args.seq_len}, batch {args.batch_size}, {args.steps} steps, "
               f"lr {args.lr}, vocab {args.vocab_size}; plan {PPL_PLAN}", flush=True)
         records += run_perplexity(args)
         print()
