@@ -628,6 +628,7 @@ def trained(tmp_path_factory, emoji_cache):
 def test_train_beats_chance_on_held_out_emoji(trained):
     config = json.loads((trained / "config.json").read_text(encoding="utf-8"))
     assert config["contrast"]["method"] == "moco_queue"
+    assert config["weights"] == "ema"
     for lang in ("en", "zh"):
         metrics = config["eval"][lang]
         n_images = metrics["n_images"]

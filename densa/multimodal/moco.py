@@ -5,17 +5,26 @@ encoder and heads. That copy encodes the keys, and one FIFO queue per modality
 stores the keys of earlier batches as extra negatives. Text queries are scored
 against image keys and image queries against text keys (symmetric InfoNCE).
 
-Collectives under data parallelism (both work unchanged when
-torch.distributed is not initialised or the world size is 1):
-- The momentum method gathers keys with torch.distributed.all_gather. It
-  carries no gradient, which is fine because keys come from the EMA copy
-  under no_grad. The gathered keys serve as negatives in this step and then
-  enter the queue, so every rank has the same queue.
-- The in-batch method gathers embeddings with
-  torch.distributed.nn.functional.all_gather, which does carry gradients
-  back to the rank that produced them.
-- The data-parallel wrapper's gradient all-reduce is applied outside this
-  module and is the only other collective that carries gradients.
+Collectives under data parallelism (both methods work unchanged when
+torch.distributed is not initialised or the world size is 1). Each rank's
+loss is the mean over its own B queries, whose positives sit at rows
+rank * B .. rank * B + B - 1 of the gathered keys.
+- moco_queue gathers the EMA keys and item ids with gather_no_grad
+  (torch.distributed.all_gather, outside autograd). The gathered keys, in
+  rank order, serve as negatives in this step and then enter the queue, so
+  every rank has the same queue. No gradient crosses ranks here: keys come
+  from the EMA copy under no_grad, and queries stay local.
+- in_batch gathers text and image embeddings with gather_with_grad
+  (torch.distributed.nn.functional.all_gather). Its backward sends every
+  rank's gradient for a block back to the rank that produced it and sums them
+  (as of torch 2.13: an all_to_all then a sum on gloo, a reduce_scatter on
+  NCCL). Rank r's parameter gradient is therefore the sum over ranks s of
+  dL_s / d(params) through rank r's embeddings. Item ids are gathered with
+  gather_no_grad.
+- DistributedDataParallel, applied by densa.multimodal.train, all-reduces and
+  averages the parameter gradients. With equal local batches the average of
+  the per-rank losses is the one-process loss over all W * B pairs, so the
+  averaged gradient equals the one-process gradient in both methods.
 Every rank must use the same local batch size, because all_gather needs
 equal shapes.
 
@@ -113,7 +122,8 @@ def momentum_update(online: nn.Module, target: nn.Module, momentum: float) -> No
         target_param.mul_(momentum).add_(online_param.detach(), alpha=1.0 - momentum)
 
 
-def _world() -> tuple[int, int]:
+def rank_and_world_size() -> tuple[int, int]:
+    """Return (rank, world size) of the default process group, or (0, 1) when none is initialised."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -122,7 +132,7 @@ def _world() -> tuple[int, int]:
 @torch.no_grad()
 def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate x [B, ...] from every rank in rank order: [W * B, ...]. Carries no gradient."""
-    _, world_size = _world()
+    _, world_size = rank_and_world_size()
     if world_size == 1:
         return x
     parts = [torch.empty_like(x) for _ in range(world_size)]
@@ -132,7 +142,7 @@ def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate x [B, ...] from every rank in rank order; gradients flow back to each rank's part."""
-    _, world_size = _world()
+    _, world_size = rank_and_world_size()
     if world_size == 1:
         return x
     from torch.distributed.nn.functional import all_gather
@@ -185,7 +195,7 @@ class ContrastiveAligner(nn.Module):
         return loss, stats
 
     def _in_batch_losses(self, text, image, item_ids):
-        rank, _ = _world()
+        rank, _ = rank_and_world_size()
         B = text.shape[0]
         all_text, all_image = gather_with_grad(text), gather_with_grad(image)  # [W * B, E]
         all_ids = gather_no_grad(item_ids)
@@ -196,7 +206,7 @@ class ContrastiveAligner(nn.Module):
         )
 
     def _queue_losses(self, text, image, tokens, mask, pixels, item_ids):
-        rank, _ = _world()
+        rank, _ = rank_and_world_size()
         B = text.shape[0]
         with torch.no_grad():
             # The key encoder moves first, then encodes this batch's keys.

@@ -1,24 +1,40 @@
 """Training, evaluation and checkpoints for cross-modal alignment.
 
+Data parallelism: when torch.distributed is initialised (torchrun sets the
+environment, the caller calls init_process_group), train_align wraps the
+ContrastiveAligner in DistributedDataParallel. Every rank draws the same
+global batch of `batch_size` pairs from an identically seeded sampler and
+trains on its contiguous shard of batch_size / W pairs, so W ranks see the
+same data in the same order as one process with the whole batch. Gradients
+cross ranks in two places only: DDP's all-reduce, which averages parameter
+gradients over ranks, and, for the in-batch method, the all_gather of
+embeddings (see densa.multimodal.moco). Each rank's loss is the mean over its
+own queries, so the average over ranks equals the one-process loss and
+gradient. The EMA key encoder (and in_batch's weight average) needs no
+collective: each rank applies the same update to the same averaged parameters.
+
 The learning rate warms up linearly, then decays in steps: it is multiplied by
 `decay_factor` every `decay_every` steps (counted from step 0). For large runs
 the documented setting is lr 1e-4 decayed by 0.1 every 100,000 steps.
 
-Legend: B batch, T tokens, N images, Nc captions, E embedding dim.
+Legend: B batch (per rank), W world size, T tokens, N images, Nc captions, E embedding dim.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -28,7 +44,7 @@ from densa.multimodal.data import LANGS, CaptionTokens, PairDataset, PairSampler
 from densa.multimodal.encoder import AlignConfig
 from densa.multimodal.heads import AlignModel
 from densa.multimodal.metrics import chance_levels, matching_accuracy, retrieval_metrics
-from densa.multimodal.moco import ContrastConfig, ContrastiveAligner
+from densa.multimodal.moco import ContrastConfig, ContrastiveAligner, momentum_update, rank_and_world_size
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +53,11 @@ CHECKPOINT_FILES = ("model.safetensors", "config.json", "tokenizer.json")
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """The optimisation schedule and batch. `langs` picks which caption languages training draws from."""
+    """The optimisation schedule and batch. `langs` picks which caption languages training draws from.
+
+    `batch_size` is the global batch: under data parallelism each of the W
+    ranks trains on batch_size / W pairs of it.
+    """
 
     steps: int = 2000
     batch_size: int = 64
@@ -79,12 +99,35 @@ def lr_factor(step: int, config: TrainConfig) -> float:
 
 @dataclass
 class TrainResult:
-    """The trained model, its EMA key encoder (momentum method only), the loss per step and throughput."""
+    """The trained model, its EMA key encoder (momentum method only), the loss per step and throughput.
+
+    `average_model` is an EMA of the trained weights with decay `ContrastConfig.momentum`: the EMA key
+    encoder for moco_queue, and a copy kept only for evaluation for in_batch. `aligner` is the objective
+    that trained the model, containing the queues of the momentum method.
+    """
 
     model: AlignModel
     momentum_model: AlignModel | None = None
+    aligner: ContrastiveAligner | None = None
+    average_model: AlignModel | None = None
     losses: list[float] = field(default_factory=list)
     images_per_s: float = 0.0
+
+
+def local_shard(batch_size: int) -> slice:
+    """Return this rank's rows of a global batch: a contiguous block of batch_size / W rows, in rank order.
+
+    Raises InputError when the batch does not split evenly, because all_gather
+    needs the same local batch size on every rank.
+    """
+    rank, world_size = rank_and_world_size()
+    if batch_size % world_size:
+        raise InputError(
+            f"batch size {batch_size} does not split evenly over {world_size} processes; use a multiple of "
+            f"{world_size}, because every process needs the same number of pairs"
+        )
+    local = batch_size // world_size
+    return slice(rank * local, (rank + 1) * local)
 
 
 def train_align(
@@ -93,16 +136,34 @@ def train_align(
     config: TrainConfig,
     dataset: PairDataset,
     tokens: CaptionTokens,
+    on_step: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """Train `model` in place on `dataset` with the contrastive objective; return it with the loss curve.
 
-    `tokens` contains the tokenised captions of `dataset`. NOTE: this loop runs
-    in one process and does not synchronise gradients. A data-parallel trainer
-    wraps ContrastiveAligner in DistributedDataParallel and gives each rank its
-    own shard of images; the aligner already gathers keys across ranks.
+    `tokens` contains the tokenised captions of `dataset`. `on_step(step)`, if
+    given, runs after each optimizer step (step counts from 0). Batches are moved to
+    the device of `model`'s parameters. Under an initialised process group the
+    call is collective: every rank must call it with the same arguments, and
+    it runs data-parallel as the module docstring describes. The returned
+    losses are the global batch's loss on every rank.
     """
+    rank, world_size = rank_and_world_size()
+    shard = local_shard(config.batch_size)
+    device = next(model.parameters()).device
     torch.manual_seed(config.seed)
-    aligner = ContrastiveAligner(model, contrast)
+    aligner = ContrastiveAligner(model, contrast).to(device)
+    average_model = aligner.momentum_model
+    if average_model is None:
+        # in_batch has no key encoder, so it keeps the same weight average, updated after each step.
+        average_model = copy.deepcopy(model).requires_grad_(False)
+    trainer: torch.nn.Module = aligner
+    if world_size > 1:
+        # Buffers (queues, a fixed temperature) change identically on every
+        # rank, so the per-step broadcast from rank 0 would only cost time.
+        trainer = torch.nn.parallel.DistributedDataParallel(
+            aligner, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False,
+        )
+    # Every rank draws the same global batch and keeps its own shard.
     sampler = PairSampler(dataset, tokens, config.batch_size, config.langs, seed=config.seed)
     decay, no_decay = [], []
     for param in aligner.parameters():
@@ -114,33 +175,43 @@ def train_align(
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
 
-    result = TrainResult(model, aligner.momentum_model)
+    result = TrainResult(model, aligner.momentum_model, aligner, average_model)
     model.train()
     start = time.perf_counter()
     window_start, window_images = start, 0
     for step in range(config.steps):
-        tokens_batch, mask, pixels, items = sampler.next_batch()
-        loss, stats = aligner(tokens_batch, mask, pixels, items)
+        batch = [part[shard].to(device) for part in sampler.next_batch()]  # tokens, mask, pixels, item ids
+        loss, stats = trainer(*batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        # After backward, DDP has averaged the gradients, so every rank clips the same norm.
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
         scheduler.step()
+        if aligner.momentum_model is None:
+            momentum_update(model, average_model, contrast.momentum)
+        if on_step is not None:
+            on_step(step)
 
-        result.losses.append(loss.item())
-        window_images += len(items)
-        if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
+        global_loss = loss.detach()
+        if world_size > 1:
+            # For the log only: the mean of the ranks' losses is the global batch's loss.
+            dist.all_reduce(global_loss)
+            global_loss /= world_size
+        result.losses.append(global_loss.item())
+        window_images += config.batch_size
+        if rank == 0 and ((step + 1) % config.log_every == 0 or step + 1 == config.steps):
             now = time.perf_counter()
             logger.info(
-                "step %d/%d loss %.4f (t2i %.4f, i2t %.4f) grad norm %.3f lr %.2e temperature %.3f images/s %.0f",
-                step + 1, config.steps, loss.item(), stats["loss_t2i"], stats["loss_i2t"], grad_norm.item(),
+                "step %d/%d loss %.4f (rank 0: t2i %.4f, i2t %.4f) grad norm %.3f lr %.2e temperature %.3f "
+                "images/s %.0f",
+                step + 1, config.steps, result.losses[-1], stats["loss_t2i"], stats["loss_i2t"], grad_norm.item(),
                 scheduler.get_last_lr()[0], stats["temperature"], window_images / max(now - window_start, 1e-9),
             )
             window_start, window_images = now, 0
     result.images_per_s = config.steps * config.batch_size / max(time.perf_counter() - start, 1e-9)
     model.eval()
-    if result.momentum_model is not None:
-        result.momentum_model.eval()
+    result.average_model.eval()
     return result
 
 
