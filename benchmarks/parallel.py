@@ -12,7 +12,12 @@ side in one run:
 - recovery: a torchrun job with --max-restarts 1 whose worker is killed,
   against the same job uninterrupted.
 
-usage: python benchmarks/parallel.py --json parallel.json [--quick]
+--bubble runs only two-stage pipelines of a wider model with longer
+micro-batches. There each micro-batch is compute-bound, so per-micro-batch
+overhead is a small share of the measured bubble. Two stages
+are the most this 2-core machine can run without time-sharing a core.
+
+usage: python benchmarks/parallel.py --json parallel.json [--quick | --bubble]
 """
 
 from __future__ import annotations
@@ -61,6 +66,13 @@ def _entry(rank: int, world: int, port: int, fn, args) -> None:
     finally:
         dist.barrier()
         dist.destroy_process_group()
+    # NOTE: interpreter teardown after interleaved pipeline runs sometimes
+    # aborted on gloo ("terminate called without an active exception",
+    # SIGABRT) after the results were written, as in densa's torchrun worker.
+    # Skipping the teardown keeps the exit code 0.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 # -- layouts: loss against one process and the bubble ---------------------------------------------
@@ -227,7 +239,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", required=True, help="file for the records")
     parser.add_argument("--quick", action="store_true", help="fewer layouts and steps (a smoke run)")
+    parser.add_argument("--bubble", action="store_true",
+                        help="only the measured bubble of compute-bound two-stage pipelines")
     args = parser.parse_args()
+    if args.quick and args.bubble:
+        parser.error("--quick and --bubble are exclusive; choose one")
 
     # 16 layers so that pp = 8 can run 2 interleaved stages per rank; dim 128 so
     # that compute, not per-micro-batch overhead, dominates a pipeline step.
@@ -250,6 +266,19 @@ def main() -> int:
             EngineConfig(tp=8, microbatches=2, seq_len=32),
         ]
     steps = 3 if args.quick else 4
+    if args.bubble:
+        # 8 layers of width 256 and 4 x 128-token micro-batches: about 40x the
+        # work per stage and micro-batch of the layouts above, while the fixed
+        # cost of each micro-batch (Python, gloo handshakes) stays the same.
+        small = ModelConfig(vocab_size=256, dim=256, n_layers=8, n_heads=8, n_kv_heads=4, ffn_dim=688,
+                            max_seq_len=128, attention="dense")
+        layouts = [
+            EngineConfig(pp=2, microbatches=20, microbatch_size=4, seq_len=128),
+            EngineConfig(pp=2, microbatches=40, microbatch_size=4, seq_len=128),
+            EngineConfig(pp=2, microbatches=80, microbatch_size=4, seq_len=128),
+            EngineConfig(pp=2, microbatches=10, microbatch_size=4, seq_len=128, schedule="interleaved"),
+            EngineConfig(pp=2, microbatches=20, microbatch_size=4, seq_len=128, schedule="interleaved"),
+        ]
     records = []
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
@@ -258,10 +287,11 @@ def main() -> int:
             start = time.perf_counter()
             records.append(bench_layout(model_cfg, cfg, steps, workdir))
             print(json.dumps(records[-1]), f"({time.perf_counter() - start:.0f}s)", flush=True)
-        records.append(bench_balancer(8 if args.quick else 16, workdir))
-        print(json.dumps(records[-1]), flush=True)
-        records.append(bench_recovery(10 if args.quick else 20, workdir))
-        print(json.dumps(records[-1]), flush=True)
+        if not args.bubble:
+            records.append(bench_balancer(8 if args.quick else 16, workdir))
+            print(json.dumps(records[-1]), flush=True)
+            records.append(bench_recovery(10 if args.quick else 20, workdir))
+            print(json.dumps(records[-1]), flush=True)
     meta = {"torch": torch.__version__, "cpus": os.cpu_count(), "backend": "gloo", "device": "cpu"}
     atomic_write_text(args.json, json.dumps({"machine": meta, "records": records}, indent=2) + "\n")
     return 0

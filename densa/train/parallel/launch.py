@@ -95,22 +95,28 @@ def torchrun_command(args: argparse.Namespace) -> list[str]:
         value = getattr(args, attribute, None)
         if value is not None:
             worker += [flag, str(value)]
-    return [
-        sys.executable, "-m", "torch.distributed.run",
-        "--nproc-per-node", str(nproc),
-        "--nnodes", str(args.nnodes),
-        "--node-rank", str(args.node_rank),
-        "--rdzv-backend", "c10d",
-        "--rdzv-endpoint", args.rdzv_endpoint,
-        "--rdzv-id", "densa-train",
-        "--max-restarts", str(args.max_restarts),
-        "-m", "densa.train.parallel.worker", *worker,
-    ]
+    prefix = torchrun_prefix(nproc, args.nnodes, args.node_rank, args.rdzv_endpoint, args.max_restarts, "densa-train")
+    return [*prefix, "-m", "densa.train.parallel.worker", *worker]
+
+
+def torchrun_prefix(nproc: int, nnodes: str = "1", node_rank: int = 0, rdzv_endpoint: str | None = None,
+                    max_restarts: int = 0, rdzv_id: str = "densa") -> list[str]:
+    """Return the torchrun command up to the worker; rdzv_endpoint None means one machine (--standalone)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
+    if rdzv_endpoint is None:
+        # --standalone starts a private rendezvous on a free local port.
+        return [*command, "--standalone", "--max-restarts", str(max_restarts)]
+    return [*command, "--nnodes", str(nnodes), "--node-rank", str(node_rank), "--rdzv-backend", "c10d",
+            "--rdzv-endpoint", rdzv_endpoint, "--rdzv-id", rdzv_id, "--max-restarts", str(max_restarts)]
 
 
 def launch(args: argparse.Namespace) -> int:
     """Run torchrun for `args` and return its exit code."""
-    command = torchrun_command(args)
+    return run_torchrun(torchrun_command(args))
+
+
+def run_torchrun(command: list[str]) -> int:
+    """Run a torchrun command with the environment its CPU and GPU workers need; return its exit code."""
     env = dict(os.environ)
     if not torch.cuda.is_available():
         # gloo workers of a restarted job must not reuse the agent's TCP store
