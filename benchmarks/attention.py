@@ -320,6 +320,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="lengths for the plan construction scaling table (the document repeats past its end); none skips it",
     )
     parser.add_argument("--json", type=Path, help="write one record per (length, backend, pass) to this file")
+    parser.add_argument("--plan-json", type=Path, help="write the plan scaling records to this file")
     args = parser.parse_args(argv)
     if min(args.lengths) < 1 or args.repeats < 1 or args.warmup < 0 or args.threads < 1:
         parser.error("--lengths, --repeats and --threads must be positive and --warmup non-negative")
@@ -365,7 +366,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r['length']:>7} {r['plan_ms']:>8.2f} {r['blocksparse_plan_ms']:>12.2f} {r['flex_plan_ms']:>8.2f} "
                 f"{r['blocksparse_us_per_1k_tokens']:>7.1f}"
             )
-        records.extend(scaling)
+        if args.plan_json:
+            atomic_write_text(args.plan_json, json.dumps(scaling, indent=1) + "\n")
     print(
         "peak MB: peak CPU tensor memory allocated during one call beyond the inputs "
         "(torch.profiler memory timeline; a fused kernel's scratch buffers are not counted)\n"
