@@ -71,6 +71,27 @@ def test_command_forwards_density_plan_and_clip():
     assert worker_flags[worker_flags.index("--grad-clip") + 1] == "0.5"
 
 
+def test_command_forwards_each_domain_dict(tmp_path):
+    terms = [tmp_path / "finance.txt", tmp_path / "medicine.txt"]
+    terms[0].write_text("不良贷款率\n", encoding="utf-8")
+    terms[1].write_text("血红蛋白\n", encoding="utf-8")
+    args = build_parser().parse_args(["train", "--nproc", "2", "--domain-dict", str(terms[0]),
+                                      "--domain-dict", str(terms[1])])
+    command = torchrun_command(args)
+    worker_flags = command[command.index("densa.train.parallel.worker") + 1 :]
+    forwarded = [worker_flags[i + 1] for i, flag in enumerate(worker_flags) if flag == "--domain-dict"]
+    assert forwarded == [str(path) for path in terms]
+    worker_args = worker.build_parser().parse_args(worker_flags)
+    assert worker_args.domain_dict == terms
+
+
+def test_command_rejects_missing_domain_dict(tmp_path):
+    missing = tmp_path / "missing.txt"
+    args = build_parser().parse_args(["train", "--nproc", "2", "--domain-dict", str(missing)])
+    with pytest.raises(InputError, match="domain dictionary not found"):
+        torchrun_command(args)
+
+
 def run_job(out, *extra: str) -> dict:
     """Train 6 steps as dp2 with synthetic data through torchrun; return the summary and the losses per step."""
     args = parse("--nproc", "2", "--dp", "2", "--batch-size", "4", "--steps", "6", "--seq-len", "16",

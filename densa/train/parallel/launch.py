@@ -95,6 +95,11 @@ def torchrun_command(args: argparse.Namespace) -> list[str]:
         value = getattr(args, attribute, None)
         if value is not None:
             worker += [flag, str(value)]
+    for path in getattr(args, "domain_dict", []):
+        # Checked here: inside the workers a missing file would fail every rank.
+        if not os.path.isfile(path):
+            raise InputError(f"domain dictionary not found: {path}; pass a text file with one term per line")
+        worker += ["--domain-dict", str(path)]
     prefix = torchrun_prefix(nproc, args.nnodes, args.node_rank, args.rdzv_endpoint, args.max_restarts, "densa-train")
     return [*prefix, "-m", "densa.train.parallel.worker", *worker]
 

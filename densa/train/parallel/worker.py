@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--threshold", type=float, default=0.7,
                        help="token density at or above which a token counts as dense (density attention)")
     model.add_argument("--block-size", type=int, default=128, help="kernel block size of the block plans, in tokens")
+    model.add_argument("--domain-dict", type=Path, action="append", default=[],
+                       help="domain term list for the density analyser; repeatable")
     model.add_argument("--vocab-size", type=int, default=4096, help="vocabulary size")
     model.add_argument("--dim", type=int, default=0, help="override the preset's model dim")
     model.add_argument("--n-layers", type=int, default=0, help="override the preset's layer count")
@@ -110,10 +112,13 @@ def load_tokens(args, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         # One rank tokenizes (BPE training is not free); the others read its result.
         from densa.data.corpus import builtin_corpus
         from densa.data.readers import read_documents
+        from densa.density import DensityConfig
         from densa.train.recipe import prepare_data
 
         documents = builtin_corpus() if args.data is None else read_documents(args.data)
-        data = prepare_data(documents, args.seq_len, args.vocab_size, seed=args.seed, cache_dir=args.out / "cache")
+        analyzer_config = DensityConfig(domain_dicts=tuple(str(p) for p in args.domain_dict))
+        data = prepare_data(documents, args.seq_len, args.vocab_size, seed=args.seed,
+                            analyzer_config=analyzer_config, cache_dir=args.out / "cache")
         tmp = path.with_suffix(".tmp")
         torch.save({"tokens": data.train.tokens, "density": data.train.density}, tmp)
         os.replace(tmp, path)
