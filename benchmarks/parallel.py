@@ -7,7 +7,7 @@ side in one run:
   data, and the pipeline bubble twice: replayed from the schedule's executed
   action order, and measured as 1 - busy / step time of the stage ranks;
 - balancer: four data-parallel replicas, one slowed 2x by an injected
-  busy-wait, with the static even split, the dynamic balancer, and the ideal
+  wait, with the static even split, the dynamic balancer, and the ideal
   split proportional to each replica's measured speed;
 - recovery: a torchrun job with --max-restarts 1 whose worker is killed,
   against the same job uninterrupted.
@@ -17,7 +17,9 @@ micro-batches. There each micro-batch is compute-bound, so per-micro-batch
 overhead is a small share of the measured bubble. Two stages
 are the most this 2-core machine can run without time-sharing a core.
 
-usage: python benchmarks/parallel.py --json parallel.json [--quick | --bubble]
+--balancer runs only the load-balancer comparison.
+
+usage: python benchmarks/parallel.py --json parallel.json [--quick | --bubble | --balancer]
 """
 
 from __future__ import annotations
@@ -241,9 +243,10 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="fewer layouts and steps (a smoke run)")
     parser.add_argument("--bubble", action="store_true",
                         help="only the measured bubble of compute-bound two-stage pipelines")
+    parser.add_argument("--balancer", action="store_true", help="only the load-balancer comparison")
     args = parser.parse_args()
-    if args.quick and args.bubble:
-        parser.error("--quick and --bubble are exclusive; choose one")
+    if args.quick + args.bubble + args.balancer > 1:
+        parser.error("--quick, --bubble and --balancer are exclusive; choose one")
 
     # 16 layers so that pp = 8 can run 2 interleaved stages per rank; dim 128 so
     # that compute, not per-micro-batch overhead, dominates a pipeline step.
@@ -279,6 +282,8 @@ def main() -> int:
             EngineConfig(pp=2, microbatches=10, microbatch_size=4, seq_len=128, schedule="interleaved"),
             EngineConfig(pp=2, microbatches=20, microbatch_size=4, seq_len=128, schedule="interleaved"),
         ]
+    if args.balancer:
+        layouts = []
     records = []
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
@@ -290,6 +295,7 @@ def main() -> int:
         if not args.bubble:
             records.append(bench_balancer(8 if args.quick else 16, workdir))
             print(json.dumps(records[-1]), flush=True)
+        if not args.bubble and not args.balancer:
             records.append(bench_recovery(10 if args.quick else 20, workdir))
             print(json.dumps(records[-1]), flush=True)
     meta = {"torch": torch.__version__, "cpus": os.cpu_count(), "backend": "gloo", "device": "cpu"}

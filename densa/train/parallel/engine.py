@@ -48,7 +48,6 @@ from densa.train.parallel.pipeline import (
     build_schedule,
     build_stage_module,
     emulate_slow_device,
-    measure_chunk_cost,
     costs_by_params,
     costs_by_time,
     partition,
@@ -72,9 +71,10 @@ class EngineConfig:
     tokens. Without pipelining a replica runs its rows as one forward pass and
     `microbatches` only sizes the batch. `slowdown` > 1 makes the ranks of
     data-parallel replica `slow_replica` emulate a device that many times
-    slower: after each forward and backward they wait (slowdown - 1) times the
-    time that work took on the unsharded module at start-up. It is an injected
-    fault for the load-balancing benchmark.
+    slower: after each block's forward and backward (each pipeline chunk's with
+    pipelining) they wait (slowdown - 1) times the time that work just took.
+    Measuring the work as it runs keeps the factor right when processes share
+    cores. It is an injected fault for the load-balancing benchmark.
 
     `grad_clip` is the maximum global gradient norm (0 turns clipping off),
     the same rule as torch.nn.utils.clip_grad_norm_ on the whole model.
@@ -197,11 +197,9 @@ class ParallelEngine:
             build_stage_module(full, self.layer_split[s], s == 0, s == self.n_stages - 1) for s in self.stage_ids
         ]
         del full
-        # Per-unit extra seconds of an emulated slow device, measured before
-        # sharding so that no collective waits enter them.
-        self.extra_s: dict[tuple[str, int], float] = {}
-        if config.slowdown > 1 and self.dp_rank == config.slow_replica:
-            self.extra_s = self._slow_device_costs(config.slowdown)
+        # Extra device time per second of real compute on the emulated slow replica.
+        slow = config.slowdown > 1 and self.dp_rank == config.slow_replica
+        self.slow_factor = config.slowdown - 1 if slow else 0.0
         for module in self.modules:
             if self.layout.tp_enabled:
                 apply_tensor_parallel(module, self.mesh["tp"])
@@ -214,7 +212,7 @@ class ParallelEngine:
         ]
         self.schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(config)) for opt in self.optimizers]
 
-        self.timer = StageTimer(extra_s=self.extra_s)
+        self.timer = StageTimer(slow_factor=self.slow_factor)
         if not self.layout.pp_enabled:
             self._time_blocks(self.modules[0])
         self.stages: list[PipelineStage] = []
@@ -251,23 +249,6 @@ class ParallelEngine:
             costs, first, last = values[:-2], values[-2], values[-1]
         return partition(costs, self.n_stages, first, last)
 
-    def _slow_device_costs(self, slowdown: float) -> dict[tuple[str, int], float]:
-        """Extra (forward, backward) seconds per micro-batch of each local stage, or per row without pipelining."""
-        rows = self.config.microbatch_size if self.layout.pp_enabled else 1
-        generator = torch.Generator().manual_seed(self.config.seed)
-        costs = {}
-        for module, stage_id in zip(self.modules, self.stage_ids):
-            if module.tok_embeddings is not None:
-                example = torch.randint(0, self.model_config.vocab_size, (rows, self.config.seq_len),
-                                        generator=generator)
-            else:
-                example = torch.randn(rows, self.config.seq_len, self.model_config.dim, generator=generator)
-            density = self._sample_density(rows, generator)
-            forward, backward = measure_chunk_cost(module, example.to(self.device), density=density)
-            costs[("F", stage_id)] = (slowdown - 1) * forward
-            costs[("B", stage_id)] = (slowdown - 1) * backward
-        return costs
-
     def _sample_density(self, rows: int, generator: torch.Generator) -> torch.Tensor | None:
         """Seeded densities [rows, T] for timing density attention before training, None for other patterns.
 
@@ -287,9 +268,7 @@ class ParallelEngine:
         replicas. A real slow device is slow inside each block, which is why
         the emulated extra time goes there too rather than once per step.
         """
-        n_blocks = len(module.layers)
-        forward_s = self.extra_s.get(("F", 0), 0.0) / n_blocks
-        backward_s = self.extra_s.get(("B", 0), 0.0) / n_blocks
+        factor = self.slow_factor
         timer = self.timer
         forward_start: dict[int, float] = {}
         backward_start: dict[int, float] = {}
@@ -302,17 +281,16 @@ class ParallelEngine:
                 x.register_hook(lambda grad: end_backward(block))
 
         def after_forward(block, args, output):
-            rows = output.shape[0]
-            emulate_slow_device(rows * forward_s)
+            emulate_slow_device(factor * (time.perf_counter() - forward_start[id(block)]))
             timer.busy_s += time.perf_counter() - forward_start[id(block)]
             if output.requires_grad:
-                output.register_hook(lambda grad: start_backward(block, rows))
+                output.register_hook(lambda grad: start_backward(block))
 
-        def start_backward(block, rows):
+        def start_backward(block):
             backward_start[id(block)] = time.perf_counter()
-            emulate_slow_device(rows * backward_s)
 
         def end_backward(block):
+            emulate_slow_device(factor * (time.perf_counter() - backward_start[id(block)]))
             timer.busy_s += time.perf_counter() - backward_start[id(block)]
 
         for block in module.layers.values():

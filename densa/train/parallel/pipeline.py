@@ -140,14 +140,14 @@ class StageTimer:
     """Wall-clock seconds that one rank's stages spend computing (forward and backward) during a step."""
 
     busy_s: float = 0.0
-    extra_s: dict[tuple[str, int], float] = field(default_factory=dict)
+    slow_factor: float = 0.0
     actions: list[tuple[str, int, int]] = field(default_factory=list)
 
     def wrap(self, stage: PipelineStage) -> None:
         """Time the stage's forward_one_chunk and backward_one_chunk, the only places where it computes.
 
-        `extra_s` maps ("F" or "B", stage index) to seconds of emulated extra
-        device time added after each such chunk (see emulate_slow_device).
+        After each chunk it waits `slow_factor` times the chunk's own time: the
+        extra time of an emulated slower device (see emulate_slow_device).
         """
         for method, kind in (("forward_one_chunk", "F"), ("backward_one_chunk", "B")):
             original = getattr(stage, method)
@@ -158,7 +158,7 @@ class StageTimer:
             self.actions.append((kind, stage_index, chunk_id))
             start = time.perf_counter()
             result = fn(chunk_id, *args, **kwargs)
-            emulate_slow_device(self.extra_s.get((kind, stage_index), 0.0))
+            emulate_slow_device(self.slow_factor * (time.perf_counter() - start))
             self.busy_s += time.perf_counter() - start
             return result
 
@@ -178,26 +178,6 @@ def emulate_slow_device(seconds: float) -> None:
     """
     if seconds > 0:
         time.sleep(seconds)
-
-
-def measure_chunk_cost(module: nn.Module, example: torch.Tensor, repeats: int = 3,
-                       density: torch.Tensor | None = None) -> tuple[float, float]:
-    """Return median (forward, backward) seconds of `module` on `example`, before any sharding.
-
-    `density` [B, T] is required for density attention. Timed on the plain
-    module so that no collective waits enter the numbers. The engine scales
-    them into the fixed extra time of an emulated slow device.
-    """
-    forward, backward = [], []
-    for _ in range(repeats + 1):
-        start = time.perf_counter()
-        out = module(example, density=density)
-        middle = time.perf_counter()
-        out.float().pow(2).mean().backward()
-        forward.append(middle - start)
-        backward.append(time.perf_counter() - middle)
-    module.zero_grad(set_to_none=True)
-    return sorted(forward[1:])[repeats // 2], sorted(backward[1:])[repeats // 2]
 
 
 def build_schedule(stages: list[PipelineStage], n_microbatches: int, loss_fn, schedule: str):
