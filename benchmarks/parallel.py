@@ -43,6 +43,7 @@ from densa.io import atomic_write_text
 from densa.model.config import ModelConfig
 from densa.model.llama import Transformer
 from densa.train.parallel.engine import EngineConfig, ParallelEngine, lr_lambda, reference_loss
+from densa.train.parallel.launch import exit_skipping_teardown
 
 
 def free_port() -> int:
@@ -68,13 +69,7 @@ def _entry(rank: int, world: int, port: int, fn, args) -> None:
     finally:
         dist.barrier()
         dist.destroy_process_group()
-    # NOTE: interpreter teardown after interleaved pipeline runs sometimes
-    # aborted on gloo ("terminate called without an active exception",
-    # SIGABRT) after the results were written, as in densa's torchrun worker.
-    # Skipping the teardown keeps the exit code 0.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_skipping_teardown(0)
 
 
 # -- layouts: loss against one process and the bubble ---------------------------------------------

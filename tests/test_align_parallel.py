@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -27,6 +26,8 @@ from densa.multimodal.encoder import tiny
 from densa.multimodal.heads import AlignModel
 from densa.multimodal.moco import ContrastConfig
 from densa.multimodal.train import TrainConfig, load_checkpoint, train_align
+
+from test_parallel_engine import free_port
 
 GLOBAL_BATCH = 8
 STEPS = 4
@@ -87,12 +88,6 @@ def run_training(variant: str, batch_size: int = GLOBAL_BATCH) -> dict[str, torc
             state[f"queue.{modality}.keys"], state[f"queue.{modality}.ids"] = keys.clone(), ids.clone()
     state["losses"] = torch.tensor(result.losses)
     return state
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:

@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 
 import pytest
@@ -16,11 +15,7 @@ from densa.train.parallel.engine import EngineConfig, lr_lambda, reference_loss
 from densa.train.parallel.launch import torchrun_command
 from densa.train.trainer import batch_indices
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from test_parallel_engine import free_port
 
 
 def parse(*flags: str):

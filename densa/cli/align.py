@@ -48,7 +48,7 @@ from densa.multimodal.train import (
     save_checkpoint,
     train_align,
 )
-from densa.train.parallel.launch import run_torchrun, torchrun_prefix
+from densa.train.parallel.launch import init_worker_process_group, run_torchrun, torchrun_prefix
 
 logger = logging.getLogger(__name__)
 
@@ -279,11 +279,7 @@ def _init_process_group() -> bool:
     """Join the process group that torchrun describes in the environment; return whether one was joined."""
     if not _in_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
         return False
-    backend = "gloo"
-    if torch.cuda.is_available():
-        backend = "nccl"
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend, timeout=timedelta(minutes=10))
+    init_worker_process_group(timedelta(minutes=10))
     if dist.get_rank() != 0:
         logging.getLogger().setLevel(logging.WARNING)
     return True

@@ -47,9 +47,9 @@ from densa.train.parallel.pipeline import (
     StageTimer,
     build_schedule,
     build_stage_module,
-    emulate_slow_device,
     costs_by_params,
     costs_by_time,
+    emulate_slow_device,
     partition,
     schedule_bubble,
     stage_ids_for_rank,
@@ -250,7 +250,7 @@ class ParallelEngine:
         return partition(costs, self.n_stages, first, last)
 
     def _sample_density(self, rows: int, generator: torch.Generator) -> torch.Tensor | None:
-        """Seeded densities [rows, T] for timing density attention before training, None for other patterns.
+        """Return seeded densities [rows, T] for timing density attention before training, or None for other patterns.
 
         NOTE: uniform random densities stand in for real text, whose plans may
         be sparser or denser, so density-attention timings are estimates.

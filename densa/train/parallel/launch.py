@@ -16,8 +16,10 @@ import logging
 import os
 import subprocess
 import sys
+from datetime import timedelta
 
 import torch
+import torch.distributed as dist
 
 from densa.io import InputError
 from densa.train.parallel.pipeline import SCHEDULES
@@ -130,3 +132,27 @@ def run_torchrun(command: list[str]) -> int:
     env.setdefault("OMP_NUM_THREADS", "1")
     logger.info("starting: %s", " ".join(command))
     return subprocess.call(command, env=env)
+
+
+def init_worker_process_group(timeout: timedelta) -> None:
+    """Join the process group that torchrun describes in the environment: NCCL on GPUs, gloo on CPU."""
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl", timeout=timeout)
+    else:
+        dist.init_process_group("gloo", timeout=timeout)
+
+
+def exit_skipping_teardown(code: int) -> None:
+    """Flush the output streams and leave the process with `code`, skipping interpreter teardown.
+
+    NOTE: after its process group was destroyed and all outputs written, a
+    gloo worker sometimes aborted during interpreter teardown ("terminate
+    called without an active exception", SIGABRT), both after torchrun
+    restarts and after interleaved pipeline runs. Skipping the teardown keeps
+    a finished worker's exit code. Callers must have closed what they wrote.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

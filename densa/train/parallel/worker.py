@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import signal
-import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -31,6 +30,7 @@ from densa.density.plan import PlanConfig
 from densa.io import atomic_write_text
 from densa.model.config import ModelConfig, preset
 from densa.train.parallel.engine import EngineConfig, ParallelEngine
+from densa.train.parallel.launch import exit_skipping_teardown, init_worker_process_group
 from densa.train.parallel.pipeline import SCHEDULES
 from densa.train.parallel.snapshot import latest_snapshot, load_snapshot, save_snapshot
 
@@ -143,10 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend, timeout=timedelta(minutes=5))
+    init_worker_process_group(timedelta(minutes=5))
     rank = dist.get_rank()
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
     if rank != 0:
@@ -211,13 +208,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    code = main()
-    # NOTE: after a torchrun restart, interpreter teardown of a finished worker
-    # sometimes aborted on gloo ("terminate called without an active
-    # exception", SIGABRT) once all outputs were written and the process group
-    # destroyed. Exiting without that teardown keeps a finished job's exit code
-    # 0; main() has already flushed and closed everything it wrote.
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    exit_skipping_teardown(main())
