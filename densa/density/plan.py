@@ -173,7 +173,10 @@ class BlockPlan:
 
     def block_counts(self, causal: bool = True) -> torch.Tensor:
         """Count the key blocks each query block computes: int64 [N], in O(N) time."""
-        low, high, dense_prefix = self._key_ranges(causal)
+        return self._counts(*self._key_ranges(causal), causal)
+
+    @staticmethod
+    def _counts(low: torch.Tensor, high: torch.Tensor, dense_prefix: torch.Tensor, causal: bool) -> torch.Tensor:
         # Dense key blocks below the range, the range itself and, unless
         # causal, the dense key blocks above it.
         above = 0 if causal else dense_prefix[-1] - dense_prefix[high + 1]
@@ -194,7 +197,7 @@ class BlockPlan:
         if key in self._cache:
             return self._cache[key]
         low, high, dense_prefix = self._key_ranges(causal)
-        counts = self.block_counts(causal)
+        counts = self._counts(low, high, dense_prefix, causal)
         width = int(counts.max()) if self.n_blocks else 0
         dense_blocks = self.dense.nonzero().flatten()
         col = torch.arange(width)[None, :]  # [1, K]
