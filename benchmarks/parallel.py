@@ -12,12 +12,24 @@ side in one run:
 - recovery: a torchrun job with --max-restarts 1 whose worker is killed,
   against the same job uninterrupted.
 
---bubble runs only two-stage pipelines of a wider model with longer
-micro-batches. There each micro-batch is compute-bound, so per-micro-batch
-overhead is a small share of the measured bubble. Two stages
-are the most this 2-core machine can run without time-sharing a core.
+--bubble runs only pipelines, in two settings:
 
---balancer runs only the load-balancer comparison.
+- cpu: two stages of a wider model with longer micro-batches, computing on
+  the CPU. Each micro-batch is compute-bound, so per-micro-batch overhead is
+  a small share of the measured bubble. Two stages are the most this 2-core
+  machine can run without time-sharing a core.
+- emulated: 2, 4 and 8 stages of a 32-block model, as deep as Llama-7B,
+  on an emulated accelerator (EngineConfig.emulated_device_s). Each block's
+  forward waits 10 ms per micro-batch row and its backward 20 ms. By
+  estimate, one Llama-7B layer needs 1.9 TFLOP forward on 4,096 tokens,
+  12 ms on an A100 at half its 312 TFLOP/s bf16 peak. The real model still
+  computes on the CPU, and the stages exchange real activations and
+  gradients over gloo. Only the kernel time is a wait, and a waiting
+  process occupies no core, so 8 stages run side by side on 2 cores.
+
+--balancer runs only the load-balancer comparison, in both settings: on the
+CPU, where the four replicas share two cores, and on the emulated device,
+where they do not. Each also runs an even split without the slowdown.
 
 usage: python benchmarks/parallel.py --json parallel.json [--quick | --bubble | --balancer]
 """
@@ -44,6 +56,16 @@ from densa.model.config import ModelConfig
 from densa.model.llama import Transformer
 from densa.train.parallel.engine import EngineConfig, ParallelEngine, lr_lambda, reference_loss
 from densa.train.parallel.launch import exit_skipping_teardown
+
+
+# The emulated device (see above): seconds per block and micro-batch row in forward, and a narrow
+# 32-block model whose real computing is a small share of that.
+EMULATED_BLOCK_S = 0.01
+# The balancer's two-block model waits longer per block, so that device time, not the optimizer
+# and collectives, dominates its step as it does the pipelines' steps.
+BALANCER_BLOCK_S = 0.02
+EMULATED_MODEL = ModelConfig(vocab_size=256, dim=64, n_layers=32, n_heads=8, n_kv_heads=4, ffn_dim=128,
+                             max_seq_len=64, attention="dense")
 
 
 def free_port() -> int:
@@ -112,8 +134,12 @@ def layout_worker(model_cfg: ModelConfig, engine_cfg: EngineConfig, steps: int, 
                                            "step_s": statistics.median(step_times) if step_times else 0.0}))
 
 
+def device_of(engine_cfg: EngineConfig) -> str:
+    return "emulated" if engine_cfg.emulated_device_s > 0 else "cpu"
+
+
 def bench_layout(model_cfg: ModelConfig, engine_cfg: EngineConfig, steps: int, workdir: Path) -> dict:
-    out = workdir / f"{engine_cfg.layout.name}-{engine_cfg.schedule}-{engine_cfg.microbatches}.json"
+    out = workdir / f"{engine_cfg.layout.name}-{engine_cfg.schedule}-{engine_cfg.microbatches}-{device_of(engine_cfg)}.json"
     spawn(engine_cfg.layout.world_size, layout_worker, model_cfg, engine_cfg, steps, str(out))
     result = json.loads(out.read_text())
     reference = single_process_losses(model_cfg, engine_cfg, steps)
@@ -121,6 +147,8 @@ def bench_layout(model_cfg: ModelConfig, engine_cfg: EngineConfig, steps: int, w
     return {
         "kind": "layout",
         "layout": engine_cfg.layout.name,
+        "device": device_of(engine_cfg),
+        "emulated_device_s": engine_cfg.emulated_device_s,
         "schedule": engine_cfg.schedule if p > 1 else "none",
         "virtual_stages": v,
         "microbatches": m,
@@ -144,23 +172,30 @@ def balancer_worker(model_cfg: ModelConfig, engine_cfg: EngineConfig, steps: int
         stats = engine.train_step(make_batch(engine_cfg.global_batch, engine_cfg.seq_len, model_cfg.vocab_size,
                                              step))
         # Per-replica compute seconds per row, for the ideal split.
-        compute = torch.zeros(dist.get_world_size(), dtype=torch.float64)
-        dist.all_gather_into_tensor(compute, torch.tensor([stats.compute_s], dtype=torch.float64))
-        records.append({"step_s": stats.step_s, "split": stats.split, "compute_s": compute.tolist()})
+        compute = [torch.zeros(1, dtype=torch.float64) for _ in range(dist.get_world_size())]
+        dist.all_gather(compute, torch.tensor([stats.compute_s], dtype=torch.float64))
+        records.append({"step_s": stats.step_s, "split": stats.split, "compute_s": [c.item() for c in compute]})
     if dist.get_rank() == 0:
         atomic_write_text(out, json.dumps(records))
 
 
-def bench_balancer(steps: int, workdir: Path) -> dict:
-    # Large enough that forward and backward, not the collectives, dominate a step.
+def bench_balancer(steps: int, workdir: Path, emulated_device_s: float = 0.0) -> dict:
+    """Static, balanced and ideal splits with replica 3 slowed 2x, and an even split with no replica slowed.
+
+    With emulated_device_s > 0 each block waits that long per row in forward
+    and twice that in backward, and the real computing is light.
+    """
+    # On the CPU: large enough that forward and backward, not the collectives, dominate a step.
     model_cfg = ModelConfig(vocab_size=256, dim=256, n_layers=2, n_heads=8, n_kv_heads=4, ffn_dim=512,
                             max_seq_len=256, attention="dense")
+    if emulated_device_s:
+        model_cfg = model_cfg.replace(dim=64, ffn_dim=128)
     rows_per_replica = 7
 
-    def run(name: str, balance: bool, split=None) -> list[dict]:
+    def run(name: str, balance: bool, split=None, slowdown: float = 2.0) -> list[dict]:
         cfg = EngineConfig(dp=4, microbatches=rows_per_replica, seq_len=128, balance_load=balance,
-                           slowdown=2.0, slow_replica=3)
-        out = workdir / f"balancer-{name}.json"
+                           slowdown=slowdown, slow_replica=3, emulated_device_s=emulated_device_s)
+        out = workdir / f"balancer-{name}-{device_of(cfg)}.json"
         spawn(4, balancer_worker, model_cfg, cfg, steps, split, str(out))
         return json.loads(out.read_text())
 
@@ -179,15 +214,20 @@ def bench_balancer(steps: int, workdir: Path) -> dict:
     ideal_split = [max(1, round(total * s / sum(speed))) for s in speed]
     ideal_split[ideal_split.index(max(ideal_split))] += total - sum(ideal_split)
     ideal = run("ideal", balance=False, split=ideal_split)
+    even = run("even", balance=False, slowdown=1.0)
     return {
         "kind": "balancer",
         "layout": "dp4-tp1-pp1",
+        "device": "emulated" if emulated_device_s else "cpu",
+        "emulated_device_s": emulated_device_s,
         "slowdown": 2.0,
         "static_step_s": settled(static),
         "balanced_step_s": settled(balanced),
         "ideal_step_s": settled(ideal),
+        "unslowed_step_s": settled(even),
         "static_split": static[-1]["split"],
         "balanced_split": balanced[-1]["split"],
+        "balanced_split_per_step": [r["split"] for r in balanced],
         "ideal_split": ideal_split,
         "steps": steps,
     }
@@ -237,8 +277,10 @@ def main() -> int:
     parser.add_argument("--json", required=True, help="file for the records")
     parser.add_argument("--quick", action="store_true", help="fewer layouts and steps (a smoke run)")
     parser.add_argument("--bubble", action="store_true",
-                        help="only the measured bubble of compute-bound two-stage pipelines")
-    parser.add_argument("--balancer", action="store_true", help="only the load-balancer comparison")
+                        help="only the measured bubble: compute-bound two-stage pipelines on the CPU, "
+                        "and 2, 4 and 8 stages on the emulated device")
+    parser.add_argument("--balancer", action="store_true",
+                        help="only the load-balancer comparison, on the CPU and on the emulated device")
     args = parser.parse_args()
     if args.quick + args.bubble + args.balancer > 1:
         parser.error("--quick, --bubble and --balancer are exclusive; choose one")
@@ -277,6 +319,12 @@ def main() -> int:
             EngineConfig(pp=2, microbatches=10, microbatch_size=4, seq_len=128, schedule="interleaved"),
             EngineConfig(pp=2, microbatches=20, microbatch_size=4, seq_len=128, schedule="interleaved"),
         ]
+        # The emulated device: micro-batch counts at which 1F1B's (p - 1)/(m + p - 1) is 4% and 3%, and
+        # the interleaved (p - 1)/(2m + p - 1) 3%. What the schedule does not count shows as the gap above.
+        emulated = dict(seq_len=32, emulated_device_s=EMULATED_BLOCK_S)
+        for pp, counts in ((2, (24, 32)), (4, (72, 96)), (8, (168, 224))):
+            layouts += [EngineConfig(pp=pp, microbatches=m, **emulated) for m in counts]
+            layouts.append(EngineConfig(pp=pp, microbatches=counts[1] // 2, schedule="interleaved", **emulated))
     if args.balancer:
         layouts = []
     records = []
@@ -284,11 +332,16 @@ def main() -> int:
         workdir = Path(tmp)
         for cfg in layouts:
             model_cfg = small.replace(n_kv_heads=8) if cfg.tp == 8 else small
+            if cfg.emulated_device_s:
+                model_cfg = EMULATED_MODEL
             start = time.perf_counter()
             records.append(bench_layout(model_cfg, cfg, steps, workdir))
             print(json.dumps(records[-1]), f"({time.perf_counter() - start:.0f}s)", flush=True)
         if not args.bubble:
             records.append(bench_balancer(8 if args.quick else 16, workdir))
+            print(json.dumps(records[-1]), flush=True)
+        if args.balancer:
+            records.append(bench_balancer(16, workdir, emulated_device_s=BALANCER_BLOCK_S))
             print(json.dumps(records[-1]), flush=True)
         if not args.bubble and not args.balancer:
             records.append(bench_recovery(10 if args.quick else 20, workdir))

@@ -2,12 +2,11 @@
 
 import pytest
 
-from densa.model.config import ModelConfig
 from densa.train.parallel.balancer import LoadBalancer, apportion
 from densa.train.parallel.engine import EngineConfig
 
 from test_parallel_density import SEQ_LEN, SMALL_CLIP, density_config, make_batches
-from test_parallel_engine import check_layout, model_config, run_world
+from test_parallel_engine import check_layout, make_batch, model_config, run_world
 
 
 def test_apportion_keeps_total_and_minimum():
@@ -74,3 +73,55 @@ def unequal_batches(density_batches) -> None:
 @pytest.mark.slow
 def test_unequal_local_batches_give_exact_gradients():
     run_world(4, unequal_batches, make_batches(rows=8, steps=2))
+
+
+class FakeClock:
+    """A clock that only the emulated device's waits move: real computing takes no time on it."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def emulated_device_busy_time() -> None:
+    """Two replicas on an emulated device, the second one 2x slower: busy seconds on a fake clock, by hand."""
+    import densa.train.parallel.engine as engine_module
+    import densa.train.parallel.pipeline as pipeline_module
+    from densa.train.parallel.engine import ParallelEngine
+
+    clock = FakeClock()
+    engine_module.time = pipeline_module.time = clock
+    engine_module.emulate_device_time = clock.sleep
+    cfg = model_config()  # 4 blocks
+    row_s = 1e-3
+    # Per block and row: forward 1 ms, backward 2 ms. dp = 2 with 3 rows each: 4 x 3 x 3 ms = 36 ms on the
+    # normal replica, 72 ms on the slowed one.
+    engine = ParallelEngine(cfg, EngineConfig(dp=2, microbatches=3, seq_len=16, emulated_device_s=row_s,
+                                              slowdown=2.0, slow_replica=1))
+    _, busy = engine.forward_backward(make_batch(6, 16, cfg.vocab_size, seed=0))
+    assert busy == pytest.approx(4 * 3 * 3 * row_s * (2 if engine.dp_rank == 1 else 1))
+    # tp = 2 keeps the blocks back to back (FSDP would put its own autograd node between them), so
+    # the total also shows that a block's backward window closes before the previous block's opens.
+    engine = ParallelEngine(cfg, EngineConfig(tp=2, microbatches=3, seq_len=16, emulated_device_s=row_s))
+    _, busy = engine.forward_backward(make_batch(3, 16, cfg.vocab_size, seed=0))
+    assert busy == pytest.approx(4 * 3 * 3 * row_s)
+    # pp = 2: each rank holds 2 blocks and runs 5 one-row micro-batches; the chunk timers see the block waits.
+    engine = ParallelEngine(cfg, EngineConfig(pp=2, microbatches=5, seq_len=16, emulated_device_s=row_s))
+    _, busy = engine.forward_backward(make_batch(5, 16, cfg.vocab_size, seed=0))
+    assert busy == pytest.approx(2 * 5 * 3 * row_s)
+
+
+def test_emulated_device_waits_per_block_and_row():
+    run_world(2, emulated_device_busy_time)
+
+
+def test_config_rejects_bad_emulation_and_dtype():
+    with pytest.raises(ValueError, match="emulated_device_s=-1"):
+        EngineConfig(emulated_device_s=-1)
+    with pytest.raises(ValueError, match="dtype='fp16' is invalid"):
+        EngineConfig(dtype="fp16")

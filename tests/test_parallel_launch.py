@@ -55,15 +55,16 @@ def test_command_rejects_bad_layouts(flags, message):
         torchrun_command(parse(*flags))
 
 
-def test_command_forwards_density_plan_and_clip():
+def test_command_forwards_density_plan_clip_and_dtype():
     args = build_parser().parse_args(["train", "--nproc", "2", "--attention", "density", "--threshold", "0.6",
-                                      "--block-size", "64", "--grad-clip", "0.5"])
+                                      "--block-size", "64", "--grad-clip", "0.5", "--dtype", "bf16"])
     command = torchrun_command(args)
     worker_flags = command[command.index("densa.train.parallel.worker") + 1 :]
     assert worker_flags[worker_flags.index("--attention") + 1] == "density"
     assert worker_flags[worker_flags.index("--threshold") + 1] == "0.6"
     assert worker_flags[worker_flags.index("--block-size") + 1] == "64"
     assert worker_flags[worker_flags.index("--grad-clip") + 1] == "0.5"
+    assert worker.build_parser().parse_args(worker_flags).dtype == "bf16"
 
 
 def test_command_forwards_each_domain_dict(tmp_path):

@@ -49,13 +49,14 @@ from densa.train.parallel.pipeline import (
     build_stage_module,
     costs_by_params,
     costs_by_time,
-    emulate_slow_device,
+    emulate_device_time,
     partition,
     schedule_bubble,
     stage_ids_for_rank,
     valid_microbatches,
 )
 from densa.train.parallel.tensor_parallel import apply_tensor_parallel
+from densa.train.trainer import DTYPES
 
 logger = logging.getLogger(__name__)
 
@@ -76,10 +77,21 @@ class EngineConfig:
     Measuring the work as it runs keeps the factor right when processes share
     cores. It is an injected fault for the load-balancing benchmark.
 
+    `emulated_device_s` > 0 turns on an emulated accelerator for benchmarks
+    on machines with fewer cores than processes: every block's forward then
+    also waits emulated_device_s per batch row, and its backward twice that
+    (times `slowdown` on the slow replica). The real CPU work still runs, as
+    the host's share of the step, but is not slowed. A wait occupies no core,
+    as a kernel running on a GPU occupies none, so eight emulated stages run
+    side by side on two cores.
+
     `grad_clip` is the maximum global gradient norm (0 turns clipping off),
     the same rule as torch.nn.utils.clip_grad_norm_ on the whole model.
 
-    NOTE: the engine trains in fp32 only.
+    `dtype` "bf16" runs forward passes under torch.autocast with bfloat16, as
+    the single-process trainer does. Parameters, gradients, optimizer state
+    and the loss stay fp32, and so do the activations that pipeline stages
+    exchange, because each block adds its bf16 output to the fp32 residual.
     """
 
     dp: int = 1
@@ -102,6 +114,8 @@ class EngineConfig:
     slowdown: float = 1.0
     slow_replica: int = 0
     grad_clip: float = 1.0
+    dtype: str = "fp32"
+    emulated_device_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -130,6 +144,10 @@ class EngineConfig:
             raise ValueError("balance_load works with schedule='1f1b'; the interleaved schedule restricts counts")
         if self.slowdown < 1:
             raise ValueError(f"slowdown={self.slowdown} is invalid; use 1 (off) or more")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r} is invalid; choose one of {sorted(DTYPES)}")
+        if not 0 <= self.emulated_device_s < math.inf:
+            raise ValueError(f"emulated_device_s={self.emulated_device_s} is invalid; use 0 (off) or seconds per row")
         if not isinstance(self.grad_clip, (int, float)) or not 0 <= self.grad_clip < math.inf:
             raise ValueError(f"grad_clip={self.grad_clip!r} is invalid; use 0 (off) or a positive maximum gradient norm")
 
@@ -197,9 +215,8 @@ class ParallelEngine:
             build_stage_module(full, self.layer_split[s], s == 0, s == self.n_stages - 1) for s in self.stage_ids
         ]
         del full
-        # Extra device time per second of real compute on the emulated slow replica.
         slow = config.slowdown > 1 and self.dp_rank == config.slow_replica
-        self.slow_factor = config.slowdown - 1 if slow else 0.0
+        self.slowdown = config.slowdown if slow else 1.0
         for module in self.modules:
             if self.layout.tp_enabled:
                 apply_tensor_parallel(module, self.mesh["tp"])
@@ -212,9 +229,14 @@ class ParallelEngine:
         ]
         self.schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(config)) for opt in self.optimizers]
 
-        self.timer = StageTimer(slow_factor=self.slow_factor)
-        if not self.layout.pp_enabled:
-            self._time_blocks(self.modules[0])
+        if config.dtype != "fp32":
+            for module in self.modules:
+                # Wrapping forward itself covers every pipeline chunk and leaves backward to autograd.
+                module.forward = torch.autocast(self.device.type, dtype=DTYPES[config.dtype])(module.forward)
+        self.timer = StageTimer()
+        for module in self.modules:
+            # With pipelining the StageTimer counts busy time per chunk instead.
+            self._instrument_blocks(module, count_busy=not self.layout.pp_enabled)
         self.stages: list[PipelineStage] = []
         self._schedules: dict[int, object] = {}
         if self.layout.pp_enabled:
@@ -243,7 +265,7 @@ class ParallelEngine:
             density = self._sample_density(rows, generator)
             costs, first, last = costs_by_time(full, sample.to(self.device), density=density)
             # Timings differ between ranks, so every rank uses rank 0's and all cut alike.
-            shared = torch.tensor(costs + [first, last], dtype=torch.float64)
+            shared = torch.tensor(costs + [first, last], dtype=torch.float64, device=self.device)
             dist.broadcast(shared, src=0)
             values = shared.tolist()
             costs, first, last = values[:-2], values[-2], values[-1]
@@ -259,39 +281,49 @@ class ParallelEngine:
             return None
         return torch.rand(rows, self.config.seq_len, generator=generator).to(self.device)
 
-    def _time_blocks(self, module: nn.Module) -> None:
-        """Time each block's own forward and backward work, and add the emulated slow device's time there.
+    def _instrument_blocks(self, module: nn.Module, count_busy: bool) -> None:
+        """Add the emulated device's time to each block's forward and backward, and optionally time the blocks.
 
         FSDP gathers a block's parameters and reduces its gradients in hooks
         around the block. These hooks are registered after FSDP's, so the
         windows exclude those collectives, and with them the waits for slower
         replicas. A real slow device is slow inside each block, which is why
         the emulated extra time goes there too rather than once per step.
+
+        The backward window of a block opens when the gradient of its output
+        arrives and closes when the gradient of its input is ready. The input
+        is a fresh view of the previous block's output, so the hook that closes
+        this window runs before the hook on that output opens the previous
+        block's window, and the windows do not overlap.
         """
-        factor = self.slow_factor
         timer = self.timer
+        slowdown = self.slowdown
+        device_s = self.config.emulated_device_s
         forward_start: dict[int, float] = {}
         backward_start: dict[int, float] = {}
+
+        def wait(start: float, rows: int, backward: bool) -> None:
+            if device_s > 0:
+                emulate_device_time(slowdown * device_s * rows * (2 if backward else 1))
+            else:
+                emulate_device_time((slowdown - 1) * (time.perf_counter() - start))
+            if count_busy:
+                timer.busy_s += time.perf_counter() - start
 
         def before_forward(block, args):
             forward_start[id(block)] = time.perf_counter()
             x = args[0]
-            if x.requires_grad:
-                # The gradient of the block input is ready when the block's backward is done.
-                x.register_hook(lambda grad: end_backward(block))
+            if not x.requires_grad:
+                return None
+            x = x.view_as(x)
+            rows = x.shape[0]
+            x.register_hook(lambda grad: wait(backward_start[id(block)], rows, backward=True))
+            return (x, *args[1:])
 
         def after_forward(block, args, output):
-            emulate_slow_device(factor * (time.perf_counter() - forward_start[id(block)]))
-            timer.busy_s += time.perf_counter() - forward_start[id(block)]
+            wait(forward_start[id(block)], output.shape[0], backward=False)
             if output.requires_grad:
-                output.register_hook(lambda grad: start_backward(block))
-
-        def start_backward(block):
-            backward_start[id(block)] = time.perf_counter()
-
-        def end_backward(block):
-            emulate_slow_device(factor * (time.perf_counter() - backward_start[id(block)]))
-            timer.busy_s += time.perf_counter() - backward_start[id(block)]
+                output.register_hook(lambda grad: backward_start.__setitem__(id(block), time.perf_counter()))
 
         for block in module.layers.values():
             block.register_forward_pre_hook(before_forward)
@@ -474,12 +506,12 @@ class ParallelEngine:
 
     def _replica_compute(self, compute: float) -> list[float]:
         """All-gather every rank's compute seconds and average them per data-parallel replica."""
-        values = torch.zeros(dist.get_world_size(), dtype=torch.float64)
-        mine = torch.tensor([compute], dtype=torch.float64)
-        dist.all_gather_into_tensor(values, mine)
+        # On the engine's device: NCCL process groups carry CUDA tensors only.
+        values = [torch.zeros(1, dtype=torch.float64, device=self.device) for _ in range(dist.get_world_size())]
+        dist.all_gather(values, torch.tensor([compute], dtype=torch.float64, device=self.device))
         per_replica = [[] for _ in range(self.layout.dp)]
-        for rank, value in enumerate(values.tolist()):
-            per_replica[self.layout.coordinates(rank)["dp"]].append(value)
+        for rank, value in enumerate(values):
+            per_replica[self.layout.coordinates(rank)["dp"]].append(value.item())
         return [sum(v) / len(v) for v in per_replica]
 
     # -- pipeline bubble --------------------------------------------------------
@@ -496,7 +528,7 @@ class ParallelEngine:
         """1 - (compute-busy seconds / step seconds), averaged over the pipeline ranks of this replica."""
         if not self.layout.pp_enabled:
             return 0.0
-        busy = torch.tensor([stats.busy_s / stats.step_s], dtype=torch.float64)
+        busy = torch.tensor([stats.busy_s / stats.step_s], dtype=torch.float64, device=self.device)
         dist.all_reduce(busy, group=self.mesh["pp"].get_group())
         return 1.0 - busy.item() / self.layout.pp
 

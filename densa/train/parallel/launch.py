@@ -40,6 +40,7 @@ FORWARDED = [
     ("lr", "--lr"),
     ("warmup_steps", "--warmup-steps"),
     ("grad_clip", "--grad-clip"),
+    ("dtype", "--dtype"),
     ("seed", "--seed"),
     ("ckpt_every", "--snapshot-every"),
     ("resume", "--resume"),
@@ -80,8 +81,6 @@ def torchrun_command(args: argparse.Namespace) -> list[str]:
             f"--dp {dp} x --tp {tp} x --pp {pp} = {dp * tp * pp} does not match {world} processes "
             f"({nproc} per machine x {max_nodes} machines); make the product equal"
         )
-    if getattr(args, "dtype", "fp32") != "fp32":
-        raise InputError("the parallel engine trains in fp32; drop --dtype or use --nproc 1")
     microbatches = args.microbatches or (4 * pp if pp > 1 else 1)
     batch_size = getattr(args, "batch_size", dp * microbatches)
     if batch_size % (dp * microbatches):

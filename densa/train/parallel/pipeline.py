@@ -140,14 +140,13 @@ class StageTimer:
     """Wall-clock seconds that one rank's stages spend computing (forward and backward) during a step."""
 
     busy_s: float = 0.0
-    slow_factor: float = 0.0
     actions: list[tuple[str, int, int]] = field(default_factory=list)
 
     def wrap(self, stage: PipelineStage) -> None:
         """Time the stage's forward_one_chunk and backward_one_chunk, the only places where it computes.
 
-        After each chunk it waits `slow_factor` times the chunk's own time: the
-        extra time of an emulated slower device (see emulate_slow_device).
+        The emulated slow device waits inside the blocks (see
+        ParallelEngine._instrument_blocks), so these windows include its time.
         """
         for method, kind in (("forward_one_chunk", "F"), ("backward_one_chunk", "B")):
             original = getattr(stage, method)
@@ -158,7 +157,6 @@ class StageTimer:
             self.actions.append((kind, stage_index, chunk_id))
             start = time.perf_counter()
             result = fn(chunk_id, *args, **kwargs)
-            emulate_slow_device(self.slow_factor * (time.perf_counter() - start))
             self.busy_s += time.perf_counter() - start
             return result
 
@@ -169,11 +167,11 @@ class StageTimer:
         self.actions = []
 
 
-def emulate_slow_device(seconds: float) -> None:
-    """Wait `seconds`, as the host would for the extra time of a slower device.
+def emulate_device_time(seconds: float) -> None:
+    """Wait `seconds`, as the host waits for work on an emulated device or for the extra time of a slower one.
 
-    A sleep rather than extra work, because a slow accelerator does not
-    occupy the host CPU. On a CPU-only machine this also keeps the slowed
+    A sleep rather than extra work, because an accelerator's kernels do not
+    occupy the host CPU. On a CPU-only machine this also keeps the waiting
     process from taking cores from the others.
     """
     if seconds > 0:

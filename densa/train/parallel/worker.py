@@ -33,6 +33,7 @@ from densa.train.parallel.engine import EngineConfig, ParallelEngine
 from densa.train.parallel.launch import exit_skipping_teardown, init_worker_process_group
 from densa.train.parallel.pipeline import SCHEDULES
 from densa.train.parallel.snapshot import latest_snapshot, load_snapshot, save_snapshot
+from densa.train.trainer import DTYPES, batch_indices
 
 logger = logging.getLogger("densa.train.parallel.worker")
 
@@ -80,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lr", type=float, default=3e-4, help="peak learning rate")
     train.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps")
     train.add_argument("--grad-clip", type=float, default=1.0, help="maximum global gradient norm (0: no clipping)")
+    train.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="compute dtype (autocast)")
     train.add_argument("--seed", type=int, default=0, help="seed of the model init and the data order")
     train.add_argument("--snapshot-every", type=int, default=0, help="steps between snapshots (0: end only)")
     train.add_argument("--resume", type=Path,
@@ -148,7 +150,6 @@ def main(argv: list[str] | None = None) -> int:
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
     if rank != 0:
         logging.getLogger().setLevel(logging.WARNING)
-    from densa.train.trainer import batch_indices
 
     try:
         model_config = model_config_from(args)
@@ -157,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             microbatch_size=args.microbatch_size, schedule=args.schedule, virtual_stages=args.virtual_stages,
             stage_balance=args.stage_balance, seq_len=args.seq_len, lr=args.lr, warmup_steps=args.warmup_steps,
             max_steps=args.steps, seed=args.seed, balance_load=args.balance_load, slowdown=args.slowdown,
-            slow_replica=args.slow_replica, grad_clip=args.grad_clip,
+            slow_replica=args.slow_replica, grad_clip=args.grad_clip, dtype=args.dtype,
         )
         tokens, density = load_tokens(args, rank)
         engine = ParallelEngine(model_config, engine_config)
