@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from test_parallel_engine import free_port
+
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 GOVREPORT = DATA / "longdoc" / "govreport" / "gov_report_summ.jsonl"
 ANNUAL_REPORT = DATA / "longdoc" / "annual_reports" / "601658_2019_annual_report.jsonl"
@@ -75,12 +77,29 @@ def test_train_bad_data_exits_2(bad_files, tmp_path, kind, fragment):
         (["analyze"], "the following arguments are required"),
         (["generate", "--checkpoint", "nowhere", "--prompt", "hi"], "no checkpoint at nowhere"),
         (["train", "--domain-dict", "no-such-dict.txt", "--steps", "1"], "domain dictionary not found"),
+        (["train", "--resume", "nowhere", "--steps", "1"], "--resume nowhere: path not found"),
+        (["train", "--nproc", "2", "--data", "missing.txt"], "path not found: missing.txt"),
+        (["train", "--nproc", "2", "--resume", "nowhere"], "no snapshot in --resume nowhere"),
+        (["train", "--nproc", "0"], "0 is invalid; use a positive integer"),
+        (["train", "--nproc", "2", "--node-rank", "2"], "--node-rank 2 is outside 0 to 0"),
+        (["train", "--nproc", "2", "--rdzv-endpoint", "127.0.0.1"], "use HOST:PORT"),
     ],
 )
 def test_invalid_values_exit_2(tmp_path, args, fragment):
     result = densa(*args, cwd=tmp_path)
     assert_usage_error(result, fragment)
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("model.safetensors"))
+
+
+def test_resume_rejects_the_other_format(tmp_path):
+    snapshots = tmp_path / "snapshots"
+    snapshots.mkdir()
+    (snapshots / "latest").write_text("step_00000002\n")
+    assert_usage_error(densa("train", "--resume", str(snapshots), "--steps", "1"), "contains multi-process snapshots")
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    assert_usage_error(densa("train", "--resume", str(checkpoint), "--steps", "1"), "has no trainer state")
+    assert_usage_error(densa("train", "--nproc", "2", "--resume", str(checkpoint)), "no snapshot in --resume")
 
 
 def test_analyze_real_chinese_report(tmp_path):
@@ -108,6 +127,22 @@ def test_train_then_generate(tmp_path):
     assert summary["steps"] == 4
     assert summary["val_ppl"] > 1
     assert "step 4 | loss" in result.stderr  # one log line per step
+
+    result = densa("generate", "--checkpoint", str(out / "checkpoint"), "--prompt", "The agency",
+                   "--max-new-tokens", "8", "--temperature", "0")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("The agency")
+
+
+@pytest.mark.slow
+def test_parallel_train_then_generate(tmp_path):
+    out = tmp_path / "run"
+    result = densa("train", "--nproc", "2", "--pp", "2", "--microbatches", "2", "--data", str(GOVREPORT),
+                   "--out", str(out), "--steps", "2", "--seq-len", "64", "--batch-size", "2",
+                   "--vocab-size", "512", "--block-size", "32", "--dtype", "bf16",
+                   "--rdzv-endpoint", f"127.0.0.1:{free_port()}")
+    assert result.returncode == 0, result.stderr
+    assert (out / "checkpoint" / "tokenizer.json").exists()
 
     result = densa("generate", "--checkpoint", str(out / "checkpoint"), "--prompt", "The agency",
                    "--max-new-tokens", "8", "--temperature", "0")

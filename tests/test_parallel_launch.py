@@ -13,6 +13,7 @@ from densa.model.llama import Transformer
 from densa.train.parallel import worker
 from densa.train.parallel.engine import EngineConfig, lr_lambda, reference_loss
 from densa.train.parallel.launch import torchrun_command
+from densa.train.checkpoint import load_model
 from densa.train.trainer import batch_indices
 
 from test_parallel_engine import free_port
@@ -154,3 +155,12 @@ def test_worker_trains_density_attention_on_pipeline(tmp_path):
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
     assert records[0]["grad_norm"] > 0.5, "the first step's gradients should be clipped"
+
+    # The exported checkpoint has both stages' weights, equal to the single-process model's after 2 steps.
+    exported = load_model(tmp_path / "checkpoint")
+    assert exported.config == model_config
+    reference = dict(model.named_parameters())
+    for name, value in exported.named_parameters():
+        torch.testing.assert_close(value, reference[name].detach(), atol=1e-5, rtol=1e-4,
+                                   msg=lambda m, name=name: f"exported {name}: {m}")
+    assert not (tmp_path / "checkpoint" / "tokenizer.json").exists(), "synthetic data has no tokenizer"

@@ -26,7 +26,9 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--data", type=Path, help="a .txt or .jsonl file, or a folder of them")
     parser.add_argument("--out", type=Path, default=Path("runs/train"), help="output folder")
-    parser.add_argument("--resume", type=Path, help="checkpoint folder to resume from")
+    parser.add_argument("--resume", type=Path,
+                        help="folder to resume from: OUT/checkpoint of a single-process run, or OUT/snapshots "
+                        "of a multi-process one (which can resume at another layout)")
     add_model_args(parser)
     group = parser.add_argument_group("training")
     group.add_argument("--steps", type=positive_int, default=200, help="optimisation steps")
@@ -41,7 +43,9 @@ def register(subparsers) -> None:
     group.add_argument("--vocab-size", type=positive_int, default=4096, help="BPE vocabulary size")
     group.add_argument("--domain-dict", type=Path, action="append", default=[],
                        help="domain term list (one term per line, or jieba user-dict format); repeatable")
-    group.add_argument("--eval-every", type=int, default=50, help="steps between held-out evaluations (0: end only)")
+    group.add_argument("--eval-every", type=int, default=50,
+                       help="steps between held-out evaluations (0: end only); single process only, multi-process "
+                       "runs log the training loss")
     group.add_argument("--ckpt-every", type=int, default=100, help="steps between checkpoints (0: end only)")
     try:
         from densa.train.parallel.launch import add_parallel_args
@@ -73,6 +77,20 @@ def build_configs(args):
     return model_config, train_config
 
 
+def check_resume(path: Path | None) -> None:
+    """Reject a --resume folder that a single-process run cannot resume from, before the data is prepared."""
+    from densa.train.checkpoint import TRAINER_FILE
+
+    if path is None or (path / TRAINER_FILE).is_file():
+        return
+    if not path.exists():
+        raise InputError(f"--resume {path}: path not found; pass the OUT/checkpoint folder of an earlier run")
+    if (path / "latest").is_file():  # the pointer file of densa.train.parallel.snapshot
+        raise InputError(f"--resume {path} contains multi-process snapshots; resume them with --nproc N (2 or more)")
+    raise InputError(f"--resume {path} has no trainer state ({TRAINER_FILE}); pass OUT/checkpoint of a "
+                     "single-process run, or OUT/snapshots of a multi-process run with --nproc N")
+
+
 def run(args: argparse.Namespace) -> int:
     # A multi-machine job may run one process per machine, so nnodes alone also launches torchrun.
     if getattr(args, "nproc", 1) > 1 or str(getattr(args, "nnodes", "1")) != "1":
@@ -88,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
     from densa.train.recipe import prepare_data, train_model
 
     model_config, train_config = build_configs(args)
+    check_resume(args.resume)
     analyzer_config = DensityConfig(domain_dicts=tuple(str(p) for p in args.domain_dict))
     documents = builtin_corpus() if args.data is None else read_documents(args.data)
     try:

@@ -27,6 +27,9 @@ from densa.train.trainer import TrainConfig
 
 logger = logging.getLogger(__name__)
 
+# Tokens shown in the heat map: whole training rows, as many as fit.
+HEATMAP_TOKENS = 2048
+
 VARIANTS = ("dense", "sliding", "density")
 RESULT_KEYS = ("attention", "val_ppl", "tokens_per_s", "block_sparsity", "peak_mem_mb")
 
@@ -131,19 +134,25 @@ def run_demo(config: DemoConfig, out: Path, sample_tokens: int = 48) -> list[dic
     print()
     print(format_table(rows))
 
-    # Heat map of the first 6,000 characters of the corpus's longest document.
-    analyzer = DensityAnalyzer()
-    text = max(documents, key=lambda d: len(d.text)).text[:6000]
-    ids, offsets = data.tokenizer.encode(text)
-    density = analyzer.analyze(text, offsets).density
+    # Heat map of the 2,048 consecutive training tokens with the most high-density ones. Packed rows
+    # overlap by one token, so dropping each row's last token leaves the text's own stream. Few
+    # stretches of the language reference reach the threshold, so an arbitrary excerpt often has
+    # no dense block at all and would not show what the plan does.
+    n_rows = max(1, HEATMAP_TOKENS // config.seq_len)
+    stream = data.train.density[:, :-1]  # [S, T]
+    above = (stream >= config.plan.threshold).sum(1).float()  # [S]
+    start = int(above.unfold(0, n_rows, 1).sum(1).argmax()) if len(above) >= n_rows else 0
+    density = stream[start : start + n_rows].flatten()
     plan = plan_blocks(density, config.plan)
-    save_density_heatmap(density, plan, out / "density_heatmap.png", title="token density, CPython reference")
+    last = start + len(density) // config.seq_len - 1
+    save_density_heatmap(density, plan, out / "density_heatmap.png",
+                         title=f"token density, CPython reference, training rows {start}-{last}")
     print(f"\nresults: {out / 'demo_results.json'}\nheat map: {out / 'density_heatmap.png'}")
 
     model = load_model(out / "density" / "checkpoint")
     prompt = "The with statement"
     ids, offsets = data.tokenizer.encode(prompt)
-    prompt_density = analyzer.analyze(prompt, offsets).density[None]
+    prompt_density = DensityAnalyzer().analyze(prompt, offsets).density[None]
     generator = torch.Generator().manual_seed(config.seed)
     tokens = generate(model, torch.tensor([ids]), sample_tokens, density=prompt_density, temperature=0.8,
                       top_k=40, generator=generator)

@@ -548,7 +548,18 @@ class ParallelEngine:
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+    if not hasattr(tensor, "full_tensor"):
+        return tensor
+    # FSDP + TP parameters are strided shards over dp and tp, which DTensor gathers in two steps and
+    # reports once per mesh as a performance warning. Gathering whole parameters only happens for
+    # tests and checksums, so the warning is noise there.
+    redistribute_logger = logging.getLogger("torch.distributed.tensor._redistribute")
+    level = redistribute_logger.level
+    redistribute_logger.setLevel(logging.ERROR)
+    try:
+        return tensor.full_tensor()
+    finally:
+        redistribute_logger.setLevel(level)
 
 
 def reference_loss(model: nn.Module, batch: torch.Tensor, density: torch.Tensor | None = None) -> torch.Tensor:

@@ -21,6 +21,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from densa.cli.common import positive_int
 from densa.io import InputError
 from densa.train.parallel.pipeline import SCHEDULES
 
@@ -50,7 +51,7 @@ FORWARDED = [
 def add_parallel_args(parser: argparse.ArgumentParser) -> None:
     """Add the multi-process flags to the `densa train` parser."""
     group = parser.add_argument_group("parallel training (torchrun)")
-    group.add_argument("--nproc", type=int, default=1, help="processes per machine; more than 1 starts torchrun")
+    group.add_argument("--nproc", type=positive_int, default=1, help="processes per machine; more than 1 starts torchrun")
     group.add_argument("--dp", type=int, default=0, help="data-parallel degree (0: world size / (tp x pp))")
     group.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (within a machine)")
     group.add_argument("--pp", type=int, default=1, help="pipeline-parallel degree")
@@ -81,11 +82,17 @@ def torchrun_command(args: argparse.Namespace) -> list[str]:
             f"--dp {dp} x --tp {tp} x --pp {pp} = {dp * tp * pp} does not match {world} processes "
             f"({nproc} per machine x {max_nodes} machines); make the product equal"
         )
+    if not 0 <= args.node_rank < max_nodes:
+        raise InputError(f"--node-rank {args.node_rank} is outside 0 to {max_nodes - 1}; number the machines from 0")
+    host, _, port = args.rdzv_endpoint.rpartition(":")
+    if not host or not port.isdigit():
+        raise InputError(f"--rdzv-endpoint {args.rdzv_endpoint!r} is invalid; use HOST:PORT, e.g. 10.0.0.1:29500")
+    check_inputs(args)
     microbatches = args.microbatches or (4 * pp if pp > 1 else 1)
     batch_size = getattr(args, "batch_size", dp * microbatches)
     if batch_size % (dp * microbatches):
         raise InputError(
-            f"--batch-size {batch_size} does not split into {dp} replicas x {microbatches} micro-batches; "
+            f"--batch-size {batch_size} does not split into {dp} replica(s) x {microbatches} micro-batch(es); "
             f"use a multiple of {dp * microbatches}"
         )
 
@@ -97,12 +104,32 @@ def torchrun_command(args: argparse.Namespace) -> list[str]:
         if value is not None:
             worker += [flag, str(value)]
     for path in getattr(args, "domain_dict", []):
-        # Checked here: inside the workers a missing file would fail every rank.
-        if not os.path.isfile(path):
-            raise InputError(f"domain dictionary not found: {path}; pass a text file with one term per line")
         worker += ["--domain-dict", str(path)]
     prefix = torchrun_prefix(nproc, args.nnodes, args.node_rank, args.rdzv_endpoint, args.max_restarts, "densa-train")
     return [*prefix, "-m", "densa.train.parallel.worker", *worker]
+
+
+def check_inputs(args: argparse.Namespace) -> None:
+    """Reject missing input paths here: inside the workers the error would fail every rank under torchrun."""
+    from densa.train.parallel.snapshot import latest_snapshot
+
+    for path in getattr(args, "domain_dict", []):
+        if not os.path.isfile(path):
+            raise InputError(f"domain dictionary not found: {path}; pass a text file with one term per line")
+    data = getattr(args, "data", None)
+    if data is not None and not os.path.exists(data):
+        raise InputError(f"path not found: {data}; pass an existing file or folder")
+    resume = getattr(args, "resume", None)
+    if resume is not None:
+        try:
+            found = os.path.isdir(resume) and latest_snapshot(resume) is not None
+        except FileNotFoundError as err:
+            raise InputError(str(err)) from None
+        if not found:
+            raise InputError(
+                f"no snapshot in --resume {resume}; pass the OUT/snapshots folder of a multi-process run "
+                "(a single-process checkpoint resumes with --nproc 1)"
+            )
 
 
 def torchrun_prefix(nproc: int, nnodes: str = "1", node_rank: int = 0, rdzv_endpoint: str | None = None,

@@ -10,11 +10,15 @@ Layout of a snapshot directory:
 
     step_00000100/   one DCP checkpoint (.metadata plus one file per rank)
     latest           name of the newest complete checkpoint, written last
+
+`export_checkpoint` turns a snapshot's model into the single-process
+checkpoint format (safetensors) that `densa generate` and `load_model` read.
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import torch
@@ -30,6 +34,9 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from densa.io import atomic_write_text
+from densa.model.config import ModelConfig
+from densa.model.llama import Transformer
+from densa.train.checkpoint import save_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -112,3 +119,20 @@ def load_snapshot(engine, path: str | Path) -> int:
         torch.set_rng_state(state["rng"][rng_key])
     logger.info("resumed from %s at step %d", path, step)
     return step
+
+
+def export_checkpoint(snapshot: str | Path, model_config: ModelConfig, dest: str | Path,
+                      tokenizer_json: str | None = None, train_config: dict | None = None) -> Path:
+    """Write the whole model of a snapshot as a checkpoint folder at `dest` and return it.
+
+    One process reads every rank's shards (DCP without a process group,
+    `no_dist=True`), so call it on one rank after the snapshot is complete.
+    """
+    model = Transformer(model_config)
+    state = {"model": model.state_dict()}
+    with warnings.catch_warnings():
+        # DCP warns that it loads in one process, which is what no_dist=True means.
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        dcp.load(state, checkpoint_id=str(snapshot), no_dist=True)
+    model.load_state_dict(state["model"])
+    return save_checkpoint(dest, model, train_config=train_config, tokenizer_json=tokenizer_json)

@@ -4,7 +4,8 @@ Each worker joins the process group (NCCL on GPU, gloo on CPU) and builds
 the engine. It resumes from the newest snapshot in OUT/snapshots when there is
 one, which is how a job restarted by torchrun --max-restarts continues. Then
 it trains and writes a snapshot every --snapshot-every steps. Rank 0 appends one JSON
-line per step to OUT/metrics.jsonl and writes OUT/summary.json at the end.
+line per step to OUT/metrics.jsonl. At the end it writes OUT/summary.json and exports the model to
+OUT/checkpoint, the single-process format that `densa generate` loads.
 
 Every batch carries the token densities next to the token ids: those of
 DensityAnalyzer for text, seeded uniform ones for --synthetic data. Density
@@ -32,7 +33,8 @@ from densa.model.config import ModelConfig, preset
 from densa.train.parallel.engine import EngineConfig, ParallelEngine
 from densa.train.parallel.launch import exit_skipping_teardown, init_worker_process_group
 from densa.train.parallel.pipeline import SCHEDULES
-from densa.train.parallel.snapshot import latest_snapshot, load_snapshot, save_snapshot
+from densa.train.checkpoint import TOKENIZER_FILE
+from densa.train.parallel.snapshot import export_checkpoint, latest_snapshot, load_snapshot, save_snapshot
 from densa.train.trainer import DTYPES, batch_indices
 
 logger = logging.getLogger("densa.train.parallel.worker")
@@ -121,6 +123,7 @@ def load_tokens(args, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         analyzer_config = DensityConfig(domain_dicts=tuple(str(p) for p in args.domain_dict))
         data = prepare_data(documents, args.seq_len, args.vocab_size, seed=args.seed,
                             analyzer_config=analyzer_config, cache_dir=args.out / "cache")
+        atomic_write_text(args.out / TOKENIZER_FILE, data.tokenizer.to_json())
         tmp = path.with_suffix(".tmp")
         torch.save({"tokens": data.train.tokens, "density": data.train.density}, tmp)
         os.replace(tmp, path)
@@ -187,14 +190,20 @@ def main(argv: list[str] | None = None) -> int:
                           "time": time.time(), "restart": restart}
                 with open(metrics, "a", encoding="utf-8") as f:
                     f.write(json.dumps(record) + "\n")
-                logger.info("step %d loss %.4f grad norm %.3f %.3fs split %s", stats.step, stats.loss,
-                            stats.grad_norm, stats.step_s, stats.split)
+                unit = "micro-batches" if engine.layout.pp_enabled else "rows"
+                logger.info("step %d loss %.4f grad norm %.3f %.3fs, %s per replica %s", stats.step, stats.loss,
+                            stats.grad_norm, stats.step_s, unit, stats.split)
             if args.snapshot_every and stats.step % args.snapshot_every == 0 and stats.step < args.steps:
                 save_snapshot(engine, snapshots)
 
-        save_snapshot(engine, snapshots)
+        final = save_snapshot(engine, snapshots)
         digest = parameter_digest(engine)
         if rank == 0:
+            tokenizer = args.out / TOKENIZER_FILE
+            tokenizer_json = tokenizer.read_text(encoding="utf-8") if tokenizer.exists() else None
+            export_checkpoint(final, model_config, args.out / "checkpoint", tokenizer_json,
+                              train_config={"steps": engine.step_count, "layout": engine.layout.name})
+            logger.info("wrote %s for densa generate", args.out / "checkpoint")
             summary = {"layout": engine.layout.name, "steps": engine.step_count, "parameter_sha256": digest,
                        "restarts": restart}
             atomic_write_text(args.out / "summary.json", json.dumps(summary, indent=2) + "\n")
