@@ -82,6 +82,15 @@ def test_command_forwards_each_domain_dict(tmp_path):
     assert worker_args.domain_dict == terms
 
 
+def test_command_warns_that_eval_every_is_single_process(caplog):
+    args = build_parser().parse_args(["train", "--nproc", "2", "--eval-every", "10"])
+    torchrun_command(args)
+    assert "--eval-every is ignored with several processes" in caplog.text
+    caplog.clear()
+    torchrun_command(build_parser().parse_args(["train", "--nproc", "2"]))
+    assert "--eval-every" not in caplog.text
+
+
 def test_command_rejects_missing_domain_dict(tmp_path):
     missing = tmp_path / "missing.txt"
     args = build_parser().parse_args(["train", "--nproc", "2", "--domain-dict", str(missing)])
@@ -104,6 +113,7 @@ def run_job(out, *extra: str) -> dict:
     # After a restart the resumed steps overwrite the losses of the failed attempt.
     summary["losses"] = {r["step"]: r["loss"] for r in records}
     summary["records"] = records
+    summary["stderr"] = result.stderr
     return summary
 
 
@@ -118,6 +128,11 @@ def test_killed_worker_resumes_bit_identical(tmp_path):
     assert [r["step"] for r in killed["records"]].count(3) == 2
     assert killed["losses"] == clean["losses"]
     assert killed["parameter_sha256"] == clean["parameter_sha256"]
+
+    # Rerun into the same folder: the snapshot already reaches --steps, so nothing changes and a warning explains it.
+    again = run_job(tmp_path / "clean")
+    assert again["parameter_sha256"] == clean["parameter_sha256"]
+    assert "already reaches --steps 6" in again["stderr"]
 
 
 def test_worker_trains_density_attention_on_pipeline(tmp_path):

@@ -31,7 +31,8 @@ def register(subparsers) -> None:
                         "of a multi-process one (which can resume at another layout)")
     add_model_args(parser)
     group = parser.add_argument_group("training")
-    group.add_argument("--steps", type=positive_int, default=200, help="optimisation steps")
+    group.add_argument("--steps", type=positive_int, default=200,
+                       help="total optimisation steps; a resumed run continues up to this count")
     group.add_argument("--batch-size", type=positive_int, default=8, help="sequences per step")
     group.add_argument("--seq-len", type=positive_int, default=512, help="tokens per sequence")
     group.add_argument("--lr", type=positive_float, default=2e-3, help="peak learning rate")
@@ -43,9 +44,9 @@ def register(subparsers) -> None:
     group.add_argument("--vocab-size", type=positive_int, default=4096, help="BPE vocabulary size")
     group.add_argument("--domain-dict", type=Path, action="append", default=[],
                        help="domain term list (one term per line, or jieba user-dict format); repeatable")
-    group.add_argument("--eval-every", type=int, default=50,
-                       help="steps between held-out evaluations (0: end only); single process only, multi-process "
-                       "runs log the training loss")
+    group.add_argument("--eval-every", type=int, default=None,
+                       help="steps between held-out evaluations (0: end only; unset: 50); single process only, "
+                       "multi-process runs log the training loss")
     group.add_argument("--ckpt-every", type=int, default=100, help="steps between checkpoints (0: end only)")
     try:
         from densa.train.parallel.launch import add_parallel_args
@@ -68,7 +69,8 @@ def build_configs(args):
                               vocab_size=args.vocab_size)
         train_config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                                    warmup_steps=args.warmup_steps, grad_clip=args.grad_clip, dtype=args.dtype,
-                                   seed=args.seed, eval_every=args.eval_every, ckpt_every=args.ckpt_every)
+                                   seed=args.seed, eval_every=50 if args.eval_every is None else args.eval_every,
+                                   ckpt_every=args.ckpt_every)
     except ValueError as err:
         raise InputError(str(err)) from None
     if args.seq_len > model_config.max_seq_len:

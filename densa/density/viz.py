@@ -41,7 +41,7 @@ def save_density_heatmap(
     image = ax_grid.imshow(grid.numpy(), aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
     ax_grid.set_xlabel(f"token within row ({row_tokens} tokens a row)")
     ax_grid.set_ylabel("row")
-    ax_grid.set_title(title)
+    ax_grid.set_title(f"{title}\nblock sparsity {plan.block_sparsity():.1%}, dense blocks {plan.dense_fraction():.1%}")
     fig.colorbar(image, ax=ax_grid, fraction=0.03, pad=0.01, label="density")
 
     # One cell per row: the plan of the block holding the row's first token.
@@ -56,8 +56,6 @@ def save_density_heatmap(
     ax_plan.set_xticks([])
     ax_plan.set_title("plan", fontsize=9)
     ax_plan.set_xlabel(f"red: dense\ngrey: window\n(darker = wider,\nmax {int(widest)})", fontsize=7)
-    fig.text(0.99, 0.01, f"block sparsity {plan.block_sparsity():.1%}, dense blocks {plan.dense_fraction():.1%}",
-             ha="right", va="bottom", fontsize=8)
     fig.tight_layout()
 
     with atomic_path(path) as tmp:

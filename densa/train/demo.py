@@ -27,9 +27,6 @@ from densa.train.trainer import TrainConfig
 
 logger = logging.getLogger(__name__)
 
-# Tokens shown in the heat map: whole training rows, as many as fit.
-HEATMAP_TOKENS = 2048
-
 VARIANTS = ("dense", "sliding", "density")
 RESULT_KEYS = ("attention", "val_ppl", "tokens_per_s", "block_sparsity", "peak_mem_mb")
 
@@ -134,19 +131,15 @@ def run_demo(config: DemoConfig, out: Path, sample_tokens: int = 48) -> list[dic
     print()
     print(format_table(rows))
 
-    # Heat map of the 2,048 consecutive training tokens with the most high-density ones. Packed rows
-    # overlap by one token, so dropping each row's last token leaves the text's own stream. Few
-    # stretches of the language reference reach the threshold, so an arbitrary excerpt often has
-    # no dense block at all and would not show what the plan does.
-    n_rows = max(1, HEATMAP_TOKENS // config.seq_len)
-    stream = data.train.density[:, :-1]  # [S, T]
-    above = (stream >= config.plan.threshold).sum(1).float()  # [S]
-    start = int(above.unfold(0, n_rows, 1).sum(1).argmax()) if len(above) >= n_rows else 0
-    density = stream[start : start + n_rows].flatten()
+    # Heat map of the training sequence with the most high-density tokens, under the plan the model
+    # trained with. Few stretches of the language reference reach the threshold, so an arbitrary
+    # excerpt often has no dense block at all and would not show what the plan does.
+    above = (data.train.density[:, :-1] >= config.plan.threshold).sum(1)  # [S]
+    row = int(above.argmax())
+    density = data.train.density[row, :-1]  # the last token is only a target
     plan = plan_blocks(density, config.plan)
-    last = start + len(density) // config.seq_len - 1
     save_density_heatmap(density, plan, out / "density_heatmap.png",
-                         title=f"token density, CPython reference, training rows {start}-{last}")
+                         title=f"token density of training sequence {row} (CPython reference)")
     print(f"\nresults: {out / 'demo_results.json'}\nheat map: {out / 'density_heatmap.png'}")
 
     model = load_model(out / "density" / "checkpoint")

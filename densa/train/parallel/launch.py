@@ -51,7 +51,8 @@ FORWARDED = [
 def add_parallel_args(parser: argparse.ArgumentParser) -> None:
     """Add the multi-process flags to the `densa train` parser."""
     group = parser.add_argument_group("parallel training (torchrun)")
-    group.add_argument("--nproc", type=positive_int, default=1, help="processes per machine; more than 1 starts torchrun")
+    group.add_argument("--nproc", type=positive_int, default=1,
+                       help="processes per machine; more than 1 starts torchrun")
     group.add_argument("--dp", type=int, default=0, help="data-parallel degree (0: world size / (tp x pp))")
     group.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (within a machine)")
     group.add_argument("--pp", type=int, default=1, help="pipeline-parallel degree")
@@ -83,11 +84,15 @@ def torchrun_command(args: argparse.Namespace) -> list[str]:
             f"({nproc} per machine x {max_nodes} machines); make the product equal"
         )
     if not 0 <= args.node_rank < max_nodes:
-        raise InputError(f"--node-rank {args.node_rank} is outside 0 to {max_nodes - 1}; number the machines from 0")
+        raise InputError(f"--node-rank {args.node_rank} is outside 0 to {max_nodes - 1}; number the machines "
+                         "from 0, or raise --nnodes")
     host, _, port = args.rdzv_endpoint.rpartition(":")
     if not host or not port.isdigit():
         raise InputError(f"--rdzv-endpoint {args.rdzv_endpoint!r} is invalid; use HOST:PORT, e.g. 10.0.0.1:29500")
     check_inputs(args)
+    if getattr(args, "eval_every", None) is not None:
+        logger.warning("--eval-every is ignored with several processes: they log the training loss, and held-out "
+                       "evaluation runs in single-process training")
     microbatches = args.microbatches or (4 * pp if pp > 1 else 1)
     batch_size = getattr(args, "batch_size", dp * microbatches)
     if batch_size % (dp * microbatches):

@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     par.add_argument("--balance-load", action="store_true", help="rebalance replicas' shares by utilisation")
 
     train = parser.add_argument_group("training")
-    train.add_argument("--steps", type=int, default=100, help="optimizer steps")
+    train.add_argument("--steps", type=int, default=100, help="total optimizer steps, resumed ones included")
     train.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
     train.add_argument("--lr", type=float, default=3e-4, help="peak learning rate")
     train.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps")
@@ -173,6 +173,10 @@ def main(argv: list[str] | None = None) -> int:
                 raise FileNotFoundError(f"no snapshot found in --resume {args.resume}; pass an OUT/snapshots folder")
         if latest is not None:
             load_snapshot(engine, latest)
+            if engine.step_count >= args.steps and rank == 0:
+                logger.warning("the snapshot is at step %d, which already reaches --steps %d (the total step "
+                               "count), so nothing is trained; raise --steps to continue", engine.step_count,
+                               args.steps)
         metrics = args.out / "metrics.jsonl"
 
         while engine.step_count < args.steps:
