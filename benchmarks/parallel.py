@@ -61,11 +61,11 @@ from densa.train.parallel.launch import exit_skipping_teardown
 # The emulated device (see above): seconds per block and micro-batch row in forward, and a narrow
 # 32-block model whose real computing is a small share of that.
 EMULATED_BLOCK_S = 0.01
+EMULATED_MODEL = ModelConfig(vocab_size=256, dim=64, n_layers=32, n_heads=8, n_kv_heads=4, ffn_dim=128,
+                             max_seq_len=64, attention="dense")
 # The balancer's two-block model waits longer per block, so that device time, not the optimizer
 # and collectives, dominates its step as it does the pipelines' steps.
 BALANCER_BLOCK_S = 0.02
-EMULATED_MODEL = ModelConfig(vocab_size=256, dim=64, n_layers=32, n_heads=8, n_kv_heads=4, ffn_dim=128,
-                             max_seq_len=64, attention="dense")
 
 
 def free_port() -> int:
@@ -134,12 +134,13 @@ def layout_worker(model_cfg: ModelConfig, engine_cfg: EngineConfig, steps: int, 
                                            "step_s": statistics.median(step_times) if step_times else 0.0}))
 
 
-def device_of(engine_cfg: EngineConfig) -> str:
-    return "emulated" if engine_cfg.emulated_device_s > 0 else "cpu"
+def device_name(emulated_device_s: float) -> str:
+    return "emulated" if emulated_device_s > 0 else "cpu"
 
 
 def bench_layout(model_cfg: ModelConfig, engine_cfg: EngineConfig, steps: int, workdir: Path) -> dict:
-    out = workdir / f"{engine_cfg.layout.name}-{engine_cfg.schedule}-{engine_cfg.microbatches}-{device_of(engine_cfg)}.json"
+    device = device_name(engine_cfg.emulated_device_s)
+    out = workdir / f"{engine_cfg.layout.name}-{engine_cfg.schedule}-{engine_cfg.microbatches}-{device}.json"
     spawn(engine_cfg.layout.world_size, layout_worker, model_cfg, engine_cfg, steps, str(out))
     result = json.loads(out.read_text())
     reference = single_process_losses(model_cfg, engine_cfg, steps)
@@ -147,7 +148,7 @@ def bench_layout(model_cfg: ModelConfig, engine_cfg: EngineConfig, steps: int, w
     return {
         "kind": "layout",
         "layout": engine_cfg.layout.name,
-        "device": device_of(engine_cfg),
+        "device": device,
         "emulated_device_s": engine_cfg.emulated_device_s,
         "schedule": engine_cfg.schedule if p > 1 else "none",
         "virtual_stages": v,
@@ -180,10 +181,11 @@ def balancer_worker(model_cfg: ModelConfig, engine_cfg: EngineConfig, steps: int
 
 
 def bench_balancer(steps: int, workdir: Path, emulated_device_s: float = 0.0) -> dict:
-    """Static, balanced and ideal splits with replica 3 slowed 2x, and an even split with no replica slowed.
+    """Measure the step time of the static, balanced and ideal splits with replica 3 slowed 2x, and of an even split.
 
-    With emulated_device_s > 0 each block waits that long per row in forward
-    and twice that in backward, and the real computing is light.
+    The even split runs with no replica slowed. With emulated_device_s > 0
+    each block waits that long per row in forward and twice that in
+    backward, and the real computing is light.
     """
     # On the CPU: large enough that forward and backward, not the collectives, dominate a step.
     model_cfg = ModelConfig(vocab_size=256, dim=256, n_layers=2, n_heads=8, n_kv_heads=4, ffn_dim=512,
@@ -195,7 +197,7 @@ def bench_balancer(steps: int, workdir: Path, emulated_device_s: float = 0.0) ->
     def run(name: str, balance: bool, split=None, slowdown: float = 2.0) -> list[dict]:
         cfg = EngineConfig(dp=4, microbatches=rows_per_replica, seq_len=128, balance_load=balance,
                            slowdown=slowdown, slow_replica=3, emulated_device_s=emulated_device_s)
-        out = workdir / f"balancer-{name}-{device_of(cfg)}.json"
+        out = workdir / f"balancer-{name}-{device_name(emulated_device_s)}.json"
         spawn(4, balancer_worker, model_cfg, cfg, steps, split, str(out))
         return json.loads(out.read_text())
 
@@ -218,7 +220,7 @@ def bench_balancer(steps: int, workdir: Path, emulated_device_s: float = 0.0) ->
     return {
         "kind": "balancer",
         "layout": "dp4-tp1-pp1",
-        "device": "emulated" if emulated_device_s else "cpu",
+        "device": device_name(emulated_device_s),
         "emulated_device_s": emulated_device_s,
         "slowdown": 2.0,
         "static_step_s": settled(static),

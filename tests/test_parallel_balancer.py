@@ -110,7 +110,7 @@ def emulated_device_busy_time() -> None:
     engine = ParallelEngine(cfg, EngineConfig(tp=2, microbatches=3, seq_len=16, emulated_device_s=row_s))
     _, busy = engine.forward_backward(make_batch(3, 16, cfg.vocab_size, seed=0))
     assert busy == pytest.approx(4 * 3 * 3 * row_s)
-    # pp = 2: each rank holds 2 blocks and runs 5 one-row micro-batches; the chunk timers see the block waits.
+    # pp = 2: each rank has 2 blocks and runs 5 one-row micro-batches; the chunk timers see the block waits.
     engine = ParallelEngine(cfg, EngineConfig(pp=2, microbatches=5, seq_len=16, emulated_device_s=row_s))
     _, busy = engine.forward_backward(make_batch(5, 16, cfg.vocab_size, seed=0))
     assert busy == pytest.approx(2 * 5 * 3 * row_s)

@@ -25,6 +25,7 @@ Legend: B batch rows, T tokens, V vocabulary, m micro-batches, S stages.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -72,8 +73,8 @@ class EngineConfig:
     tokens. Without pipelining a replica runs its rows as one forward pass and
     `microbatches` only sizes the batch. `slowdown` > 1 makes the ranks of
     data-parallel replica `slow_replica` emulate a device that many times
-    slower: after each block's forward and backward (each pipeline chunk's with
-    pipelining) they wait (slowdown - 1) times the time that work just took.
+    slower: after each block's forward and backward, with or without
+    pipelining, they wait (slowdown - 1) times the time that work just took.
     Measuring the work as it runs keeps the factor right when processes share
     cores. It is an injected fault for the load-balancing benchmark.
 
@@ -541,23 +542,30 @@ class ParallelEngine:
 
     def full_parameters(self) -> dict[str, torch.Tensor]:
         """Unsharded copies of this rank's parameters (a collective over the dp and tp groups)."""
-        return {name: _full(p).detach().clone() for name, p in self.named_parameters()}
+        with _quiet_redistribute():
+            return {name: _full(p).detach().clone() for name, p in self.named_parameters()}
 
     def full_gradients(self) -> dict[str, torch.Tensor]:
-        return {name: _full(p.grad).detach().clone() for name, p in self.named_parameters() if p.grad is not None}
+        with _quiet_redistribute():
+            return {name: _full(p.grad).detach().clone() for name, p in self.named_parameters()
+                    if p.grad is not None}
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:
-    if not hasattr(tensor, "full_tensor"):
-        return tensor
-    # FSDP + TP parameters are strided shards over dp and tp, which DTensor gathers in two steps and
-    # reports once per mesh as a performance warning. Gathering whole parameters only happens for
-    # tests and checksums, so the warning is noise there.
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+@contextlib.contextmanager
+def _quiet_redistribute():
+    """Silence DTensor's warning that FSDP + TP parameters, strided shards over dp and tp, gather in two steps.
+
+    Whole parameters are gathered only for tests and checksums, so that performance warning is noise there.
+    """
     redistribute_logger = logging.getLogger("torch.distributed.tensor._redistribute")
     level = redistribute_logger.level
     redistribute_logger.setLevel(logging.ERROR)
     try:
-        return tensor.full_tensor()
+        yield
     finally:
         redistribute_logger.setLevel(level)
 

@@ -115,15 +115,20 @@ def torchrun_command(args: argparse.Namespace) -> list[str]:
 
 
 def check_inputs(args: argparse.Namespace) -> None:
-    """Reject missing input paths here: inside the workers the error would fail every rank under torchrun."""
+    """Reject bad input files before torchrun starts, because inside the workers the error fails every rank.
+
+    The data goes through the same reader as a single-process run, so a
+    missing, empty or binary file gets the same message.
+    """
+    from densa.data.readers import read_documents
     from densa.train.parallel.snapshot import latest_snapshot
 
     for path in getattr(args, "domain_dict", []):
         if not os.path.isfile(path):
             raise InputError(f"domain dictionary not found: {path}; pass a text file with one term per line")
     data = getattr(args, "data", None)
-    if data is not None and not os.path.exists(data):
-        raise InputError(f"path not found: {data}; pass an existing file or folder")
+    if data is not None:
+        read_documents(data)
     resume = getattr(args, "resume", None)
     if resume is not None:
         try:
